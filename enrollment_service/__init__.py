@@ -1,0 +1,1 @@
+"""enrollment-service: students, courses, and the enrollments between them."""

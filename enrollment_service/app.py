@@ -1,0 +1,106 @@
+"""The application factory: routes, dependencies, lifespan and error mapping in one place."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Request, Response, get
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
+from prometheus_client import generate_latest
+
+from enrollment_service.courses import CourseController
+from enrollment_service.db import Database, open_database
+from enrollment_service.enrollments import EnrollmentController, RosterController
+from enrollment_service.health import HealthController, Readiness
+from enrollment_service.observability import Metrics, RequestObserver
+from enrollment_service.pagination import Cursors
+from enrollment_service.problems import handle_exception
+from enrollment_service.settings import Settings
+from enrollment_service.students import StudentController
+
+log = logging.getLogger("enrollment_service.app")
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+class Service(RequestObserver):
+    """The ASGI app that servers run: the Litestar app inside the request observer."""
+
+    def __init__(self, litestar: Litestar, metrics: Metrics, settings: Settings) -> None:
+        super().__init__(litestar, metrics, settings.api_tokens)
+        self.litestar = litestar
+        self.settings = settings
+
+    def start_draining(self) -> None:
+        """Called on SIGTERM: /health/ready answers 503 from now on."""
+        readiness: Readiness | None = getattr(self.litestar.state, "readiness", None)
+        if readiness is not None:
+            readiness.draining = True
+        log.info("draining: readiness now answers 503")
+
+
+def _provide_db(state: State) -> Database:
+    db: Database = state.db
+    return db
+
+
+def _provide_cursors(state: State) -> Cursors:
+    cursors: Cursors = state.cursors
+    return cursors
+
+
+@get("/metrics", include_in_schema=False, sync_to_thread=False)
+def metrics_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
+    metrics: Metrics = request.app.state.metrics
+    return Response(generate_latest(metrics.registry), media_type="text/plain; version=0.0.4")
+
+
+def create_app(settings: Settings, database_url: str | None = None) -> Service:
+    url = database_url or settings.database_url
+    if url is None:
+        raise ValueError("DATABASE_URL is not set")
+
+    @asynccontextmanager
+    async def database(app: Litestar) -> AsyncIterator[None]:
+        db = await open_database(settings, url)
+        app.state.db = db
+        app.state.readiness = Readiness(db, settings.health_timeout)
+        log.info("pool open (min %d, max %d)", settings.pool_min_size, settings.pool_max_size)
+        try:
+            yield
+        finally:
+            await db.close(grace_seconds=settings.shutdown_grace_period or 5.0)
+            log.info("pool closed")
+
+    state = State({"settings": settings, "cursors": Cursors(settings.cursor_secret)})
+    metrics = Metrics(state)
+    state.metrics = metrics
+    data_controllers = [StudentController, CourseController, EnrollmentController, RosterController]
+    litestar = Litestar(
+        route_handlers=[*data_controllers, HealthController, metrics_endpoint],
+        dependencies={
+            "db": Provide(_provide_db, sync_to_thread=False),
+            "cursors": Provide(_provide_cursors, sync_to_thread=False),
+        },
+        lifespan=[database],
+        state=state,
+        exception_handlers={Exception: handle_exception},
+        request_max_body_size=MAX_BODY_BYTES,
+        openapi_config=OpenAPIConfig(
+            title="enrollment-service",
+            version="1.0.0",
+            description="Students, courses, and the enrollments between them.",
+            path="/schema",
+            render_plugins=[JsonRenderPlugin()],
+            use_handler_docstrings=False,
+        ),
+        logging_config=None,
+        debug=False,
+    )
+    return Service(litestar, metrics, settings)

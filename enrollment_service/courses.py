@@ -1,0 +1,166 @@
+"""Courses: the controller for /courses and the Structs it reads and writes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import asyncpg
+import msgspec
+from litestar import Controller, delete, get, patch, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody, Parameter
+from litestar.response import Response
+from msgspec import UNSET, UnsetType
+
+from enrollment_service.db import Database, Query
+from enrollment_service.health import schema_gate
+from enrollment_service.pagination import Cursor, Cursors, Limit, Page
+from enrollment_service.problems import (
+    CapacityBelowEnrolled,
+    CodeTaken,
+    CourseNotFound,
+    documented,
+)
+from enrollment_service.validation import Capacity, Code, Id, Level, Name, StrictBody, given_or_none
+
+CREATE = Query.load("courses/create")
+GET = Query.load("courses/get")
+LIST = Query.load("courses/list")
+LIST_BY_CODE = Query.load("courses/list_by_code")
+PATCH = Query.load("courses/patch")
+DELETE = Query.load("courses/delete")
+
+CourseId = Annotated[int, Parameter(ge=1, le=2**63 - 1, description="The course's id")]
+
+
+class NewCourse(msgspec.Struct, forbid_unknown_fields=True):
+    code: Code
+    name: Name
+    level: Level
+    capacity: Capacity | None = None
+
+
+class CoursePatch(msgspec.Struct, forbid_unknown_fields=True):
+    code: Code | UnsetType = UNSET
+    name: Name | UnsetType = UNSET
+    level: Level | UnsetType = UNSET
+    capacity: Capacity | UnsetType | None = UNSET
+
+
+class Course(msgspec.Struct, frozen=True):
+    id: Id
+    code: str
+    name: str
+    level: str
+    capacity: int | None
+    enrolled_count: int
+    created_at: datetime
+
+
+def to_course(row: asyncpg.Record) -> Course:
+    return Course(
+        id=row["id"],
+        code=row["code"],
+        name=row["name"],
+        level=row["level"],
+        capacity=row["capacity"],
+        enrolled_count=row["enrolled_count"],
+        created_at=row["created_at"],
+    )
+
+
+def _code_taken(error: asyncpg.UniqueViolationError, code: str | UnsetType) -> Exception:
+    if error.constraint_name == "courses_code_key" and isinstance(code, str):
+        return CodeTaken(code)
+    return error
+
+
+class CourseController(Controller):
+    path = "/courses"
+    tags = ["courses"]
+    guards = [schema_gate]
+
+    @post(
+        dto=StrictBody[NewCourse],
+        return_dto=None,
+        status_code=201,
+        summary="Create a course",
+        responses=documented(409, body=True),
+    )
+    async def create_course(
+        self, db: NamedDependency[Database], data: JSONBody[NewCourse]
+    ) -> Response[Course]:
+        try:
+            row = await db.fetchrow(CREATE, data.code, data.name, data.level, data.capacity)
+        except asyncpg.UniqueViolationError as error:
+            raise _code_taken(error, data.code) from None
+        assert row is not None
+        course = to_course(row)
+        return Response(course, status_code=201, headers={"Location": f"/courses/{course.id}"})
+
+    @get(summary="List courses by id", responses=documented(400))
+    async def list_courses(
+        self,
+        db: NamedDependency[Database],
+        cursors: NamedDependency[Cursors],
+        limit: Limit = 50,
+        cursor: Cursor = None,
+        code: Annotated[
+            str | None, Parameter(max_length=32, description="Exact course code, any case")
+        ] = None,
+    ) -> Page[Course]:
+        after = cursors.decode(cursor)
+        if code is None:
+            rows = await db.fetch(LIST, after, limit + 1)
+        else:
+            rows = await db.fetch(LIST_BY_CODE, after, limit + 1, code.strip())
+        return cursors.page(rows, limit, to_course, key=lambda row: row["id"])
+
+    @get("/{course_id:str}", summary="Get a course", responses=documented(400, 404))
+    async def get_course(self, db: NamedDependency[Database], course_id: CourseId) -> Course:
+        row = await db.fetchrow(GET, course_id)
+        if row is None:
+            raise CourseNotFound(course_id)
+        return to_course(row)
+
+    @patch(
+        "/{course_id:str}",
+        dto=StrictBody[CoursePatch],
+        return_dto=None,
+        summary="Change a course; capacity null removes the limit",
+        responses=documented(404, 409, body=True),
+    )
+    async def patch_course(
+        self, db: NamedDependency[Database], course_id: CourseId, data: JSONBody[CoursePatch]
+    ) -> Course:
+        set_capacity = not isinstance(data.capacity, UnsetType)
+        capacity = None if isinstance(data.capacity, UnsetType) else data.capacity
+        try:
+            row = await db.fetchrow(
+                PATCH,
+                course_id,
+                given_or_none(data.code),
+                given_or_none(data.name),
+                given_or_none(data.level),
+                set_capacity,
+                capacity,
+            )
+        except asyncpg.UniqueViolationError as error:
+            raise _code_taken(error, data.code) from None
+        except asyncpg.CheckViolationError as error:
+            if error.constraint_name == "courses_enrolled_within_capacity" and capacity is not None:
+                raise CapacityBelowEnrolled(course_id, capacity) from None
+            raise
+        if row is None:
+            raise CourseNotFound(course_id)
+        return to_course(row)
+
+    @delete(
+        "/{course_id:str}",
+        summary="Delete a course and its enrollments",
+        responses=documented(400, 404),
+    )
+    async def delete_course(self, db: NamedDependency[Database], course_id: CourseId) -> None:
+        if await db.fetchrow(DELETE, course_id) is None:
+            raise CourseNotFound(course_id)

@@ -1,0 +1,122 @@
+"""The asyncpg pool's lifecycle and the named SQL statements loaded from the `sql/` folder."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from enrollment_service.resources import resource_dir
+from enrollment_service.settings import Settings
+
+log = logging.getLogger("enrollment_service.db")
+
+T = TypeVar("T")
+
+SQL_DIR = resource_dir("sql")
+
+#: Errors that mean "the database cannot be reached right now", not "the request is wrong".
+#: Not all of InterfaceError: most of it signals a bug in our code, which must stay a 500.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.AdminShutdownError,
+    asyncpg.QueryCanceledError,
+)
+
+#: Errors that running the same statement again may cure.
+RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+RETRY_ATTEMPTS = 4
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL could not be reached, timed out, or kept failing a retryable statement."""
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One statement from one file of `sql/`, named by its path (e.g. `students/create`)."""
+
+    name: str
+    text: str
+
+    @classmethod
+    def load(cls, name: str) -> Query:
+        return cls(name=name, text=(SQL_DIR / f"{name}.sql").read_text(encoding="utf-8"))
+
+
+def all_query_names() -> list[str]:
+    """Every statement in `sql/`, for the test that prepares them all against the schema."""
+    return sorted(str(path.relative_to(SQL_DIR).with_suffix("")) for path in SQL_DIR.rglob("*.sql"))
+
+
+class Database:
+    """The app's pool, with the one way every request talks to PostgreSQL: a single statement
+    on a pooled connection, retried on deadlock or serialization failure, and any failure to
+    reach the database turned into DatabaseUnavailable."""
+
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float) -> None:
+        self.pool = pool
+        self.acquire_timeout = acquire_timeout
+
+    async def fetch(self, query: Query, *args: Any) -> list[asyncpg.Record]:
+        return await self._run(lambda conn: conn.fetch(query.text, *args))
+
+    async def fetchrow(self, query: Query, *args: Any) -> asyncpg.Record | None:
+        return await self._run(lambda conn: conn.fetchrow(query.text, *args))
+
+    async def _run(self, work: Callable[[PoolConnectionProxy], Awaitable[T]]) -> T:
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            try:
+                async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+                    return await work(conn)
+            except RETRYABLE_ERRORS as error:
+                if attempt == RETRY_ATTEMPTS:
+                    log.warning("gave up after %d attempts: %s", attempt, type(error).__name__)
+                    raise DatabaseUnavailable(type(error).__name__) from error
+                await asyncio.sleep(0.005 * 2**attempt)
+            except UNAVAILABLE_ERRORS as error:
+                raise DatabaseUnavailable(type(error).__name__) from error
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def close(self, grace_seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.pool.close(), grace_seconds)
+        except TimeoutError:
+            log.warning("pool did not close in %.1fs; terminating its connections", grace_seconds)
+            self.pool.terminate()
+
+
+async def open_database(settings: Settings, database_url: str) -> Database:
+    """Open the pool. When PostgreSQL is down at start-up the service still comes up (live but
+    not ready) with an empty pool, and fills it once the database returns."""
+
+    def create(min_size: int) -> asyncpg.Pool:
+        return asyncpg.create_pool(
+            database_url,
+            min_size=min_size,
+            max_size=settings.pool_max_size,
+            timeout=settings.connect_timeout,
+            command_timeout=settings.command_timeout,
+            statement_cache_size=settings.statement_cache_size,
+            server_settings={"application_name": "enrollment-service"},
+        )
+
+    try:
+        pool = await create(settings.pool_min_size)
+    except UNAVAILABLE_ERRORS as error:
+        log.warning("database not reachable at start-up (%s); serving as not ready", error)
+        pool = await create(0)
+    return Database(pool, settings.pool_acquire_timeout)

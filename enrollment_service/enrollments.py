@@ -1,0 +1,199 @@
+"""Enrollments: the student_courses relationship, seen from either side."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+import msgspec
+from litestar import Controller, delete, get, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
+from litestar.response import Response
+
+from enrollment_service.courses import CourseId
+from enrollment_service.db import Database, Query
+from enrollment_service.health import schema_gate
+from enrollment_service.pagination import Cursor, Cursors, Limit, Page
+from enrollment_service.problems import (
+    AlreadyEnrolled,
+    CourseFull,
+    CourseNotFound,
+    EnrollmentNotFound,
+    StudentNotFound,
+    documented,
+)
+from enrollment_service.students import StudentId
+from enrollment_service.validation import Id, StrictBody
+
+ENROLL = Query.load("enrollments/enroll")
+GET = Query.load("enrollments/get")
+DROP = Query.load("enrollments/drop")
+LIST_FOR_STUDENT = Query.load("enrollments/list_for_student")
+ROSTER = Query.load("enrollments/roster")
+
+
+class NewEnrollment(msgspec.Struct, forbid_unknown_fields=True):
+    course_id: Id
+
+
+class Enrollment(msgspec.Struct, frozen=True):
+    student_id: int
+    course_id: int
+    enrolled_at: datetime
+
+
+class EnrolledCourse(msgspec.Struct, frozen=True):
+    """A course as one student sees it: the Course fields plus when they enrolled."""
+
+    id: int
+    code: str
+    name: str
+    level: str
+    capacity: int | None
+    enrolled_count: int
+    created_at: datetime
+    enrolled_at: datetime
+
+
+class EnrolledStudent(msgspec.Struct, frozen=True):
+    """A student on a course's roster: the Student fields plus when they enrolled."""
+
+    id: int
+    name: str
+    email: str
+    created_at: datetime
+    enrolled_at: datetime
+
+
+def to_enrolled_course(row: asyncpg.Record) -> EnrolledCourse:
+    return EnrolledCourse(
+        id=row["id"],
+        code=row["code"],
+        name=row["name"],
+        level=row["level"],
+        capacity=row["capacity"],
+        enrolled_count=row["enrolled_count"],
+        created_at=row["created_at"],
+        enrolled_at=row["enrolled_at"],
+    )
+
+
+def to_enrolled_student(row: asyncpg.Record) -> EnrolledStudent:
+    return EnrolledStudent(
+        id=row["id"],
+        name=row["name"],
+        email=row["email"],
+        created_at=row["created_at"],
+        enrolled_at=row["enrolled_at"],
+    )
+
+
+def _refusal(
+    error: asyncpg.IntegrityConstraintViolationError, student_id: int, course_id: int
+) -> Exception:
+    """The enroll statement reports every refusal as the constraint that refused it."""
+    match error.constraint_name:
+        case "student_courses_student_id_fkey":
+            return StudentNotFound(student_id)
+        case "student_courses_course_id_fkey":
+            return CourseNotFound(course_id)
+        case "courses_enrolled_within_capacity":
+            return CourseFull(course_id)
+    return error
+
+
+def _without_empty_row(rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
+    # The list statements answer one row of nulls for an owner with nothing on this page.
+    return [row for row in rows if row["id"] is not None]
+
+
+class EnrollmentController(Controller):
+    path = "/students/{student_id:str}/courses"
+    tags = ["enrollments"]
+    guards = [schema_gate]
+
+    @post(
+        dto=StrictBody[NewEnrollment],
+        return_dto=None,
+        status_code=201,
+        summary="Enroll a student in a course",
+        responses=documented(404, 409, body=True),
+    )
+    async def enroll(
+        self, db: NamedDependency[Database], student_id: StudentId, data: JSONBody[NewEnrollment]
+    ) -> Response[Enrollment]:
+        try:
+            row = await db.fetchrow(ENROLL, student_id, data.course_id)
+        except (asyncpg.ForeignKeyViolationError, asyncpg.CheckViolationError) as error:
+            raise _refusal(error, student_id, data.course_id) from None
+        assert row is not None
+        if not row["created"]:
+            raise AlreadyEnrolled(student_id, data.course_id)
+        enrollment = Enrollment(student_id, data.course_id, row["enrolled_at"])
+        location = f"/students/{student_id}/courses/{data.course_id}"
+        return Response(enrollment, status_code=201, headers={"Location": location})
+
+    @get(summary="List a student's courses by course id", responses=documented(400, 404))
+    async def list_courses_of_student(
+        self,
+        db: NamedDependency[Database],
+        cursors: NamedDependency[Cursors],
+        student_id: StudentId,
+        limit: Limit = 50,
+        cursor: Cursor = None,
+    ) -> Page[EnrolledCourse]:
+        rows = await db.fetch(LIST_FOR_STUDENT, student_id, cursors.decode(cursor), limit + 1)
+        if not rows:
+            raise StudentNotFound(student_id)
+        return cursors.page(
+            _without_empty_row(rows), limit, to_enrolled_course, key=lambda row: row["id"]
+        )
+
+    @get("/{course_id:str}", summary="Get one enrollment", responses=documented(400, 404))
+    async def get_enrollment(
+        self, db: NamedDependency[Database], student_id: StudentId, course_id: CourseId
+    ) -> Enrollment:
+        row = await db.fetchrow(GET, student_id, course_id)
+        if row is None:
+            raise StudentNotFound(student_id)
+        if row["enrolled_at"] is None:
+            raise EnrollmentNotFound(student_id, course_id)
+        return Enrollment(student_id, course_id, row["enrolled_at"])
+
+    @delete(
+        "/{course_id:str}",
+        summary="Unenroll a student from a course",
+        responses=documented(400, 404),
+    )
+    async def unenroll(
+        self, db: NamedDependency[Database], student_id: StudentId, course_id: CourseId
+    ) -> None:
+        row = await db.fetchrow(DROP, student_id, course_id)
+        assert row is not None
+        if not row["student_exists"]:
+            raise StudentNotFound(student_id)
+        if not row["dropped"]:
+            raise EnrollmentNotFound(student_id, course_id)
+
+
+class RosterController(Controller):
+    path = "/courses/{course_id:str}/students"
+    tags = ["enrollments"]
+    guards = [schema_gate]
+
+    @get(summary="List a course's students by student id", responses=documented(400, 404))
+    async def roster(
+        self,
+        db: NamedDependency[Database],
+        cursors: NamedDependency[Cursors],
+        course_id: CourseId,
+        limit: Limit = 50,
+        cursor: Cursor = None,
+    ) -> Page[EnrolledStudent]:
+        rows = await db.fetch(ROSTER, course_id, cursors.decode(cursor), limit + 1)
+        if not rows:
+            raise CourseNotFound(course_id)
+        return cursors.page(
+            _without_empty_row(rows), limit, to_enrolled_student, key=lambda row: row["id"]
+        )

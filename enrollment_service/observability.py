@@ -1,0 +1,221 @@
+"""What wraps every request before routing: the request id, bearer-token check, one access-log
+line, and the Prometheus metrics that /metrics exposes."""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from enrollment_service.problems import PROBLEM_MEDIA_TYPE, Unauthorized, problem_document
+
+# Plain ASGI types: this wrapper sits outside Litestar and speaks ASGI itself.
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[..., Awaitable[None]]
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+UNAUTHENTICATED_PATHS = frozenset({"/health/live", "/health/ready"})
+UNMATCHED_ROUTE = "(unmatched)"
+
+access_log = logging.getLogger("enrollment_service.access")
+
+
+# --- Logging -------------------------------------------------------------------------------
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; fields passed as `extra=` are kept, nothing else is added."""
+
+    _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "request_id"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"),
+        }
+        entry.update((k, v) for k, v in record.__dict__.items() if k not in self._STANDARD)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-5s [%(request_id)s] %(name)s: %(message)s")
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.addFilter(_RequestIdFilter())
+    JsonFormatter.converter = time.gmtime
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # uvicorn's own access log would repeat ours without the request id.
+    logging.getLogger("uvicorn.access").disabled = True
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+
+
+# --- Metrics -------------------------------------------------------------------------------
+
+
+class _PoolCollector(Collector):
+    def __init__(self, app_state: Any) -> None:
+        self._state = app_state
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        db = getattr(self._state, "db", None)
+        if db is None:
+            return
+        size = db.pool.get_size()
+        idle = db.pool.get_idle_size()
+        yield GaugeMetricFamily("db_pool_size", "Connections open in the pool", value=size)
+        yield GaugeMetricFamily(
+            "db_pool_in_use", "Connections checked out of the pool", value=size - idle
+        )
+        yield GaugeMetricFamily(
+            "db_pool_max_size", "The pool's maximum size", value=db.pool.get_max_size()
+        )
+
+
+class Metrics:
+    """One registry per app, so that several apps in one process (the tests) never collide."""
+
+    def __init__(self, app_state: Any) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "http_requests",
+            "HTTP requests answered",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "http_request_duration_seconds",
+            "Time to answer, by route template",
+            ["method", "route"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.registry.register(_PoolCollector(app_state))
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+
+# --- The wrapper ---------------------------------------------------------------------------
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RequestObserver:
+    """ASGI middleware around the whole Litestar app, so that it also sees the requests that
+    match no route (401 must come before 404, and every answer carries X-Request-ID)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, api_tokens: tuple[str, ...]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self._tokens = [token.encode() for token in api_tokens]
+
+    def _authorized(self, scope: Scope) -> bool:
+        if not self._tokens or scope["path"].rstrip("/") in UNAUTHENTICATED_PATHS:
+            return True
+        header = _header(scope, b"authorization") or ""
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        given = token.strip().encode()
+        # Compare with every token, always, so timing says nothing about which one matched.
+        return sum(hmac.compare_digest(given, known) for known in self._tokens) > 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent_id = _header(scope, b"x-request-id")
+        request_id = (
+            sent_id if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id) else uuid.uuid4().hex
+        )
+        token = REQUEST_ID.set(request_id)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers") or [])
+                headers.append((b"x-request-id", request_id.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            if self._authorized(scope):
+                await self.app(scope, receive, send_with_id)
+            else:
+                await _send_problem(send_with_id, Unauthorized())
+        finally:
+            seconds = time.perf_counter() - started
+            route = scope.get("path_template") or UNMATCHED_ROUTE
+            method = scope["method"]
+            if not route.startswith(("/health", "/metrics")):
+                self.metrics.observe(method, route, status, seconds)
+            access_log.info(
+                "%s %s %d %.1fms",
+                method,
+                route,
+                status,
+                seconds * 1000,
+                extra={
+                    "method": method,
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 2),
+                },
+            )
+            REQUEST_ID.reset(token)
+
+
+async def _send_problem(send: Send, error: Unauthorized) -> None:
+    body = msgspec.json.encode(problem_document(error))
+    headers = [
+        (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode(), v.encode()) for k, v in error.headers().items()),
+    ]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

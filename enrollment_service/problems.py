@@ -1,0 +1,349 @@
+"""Every domain outcome and every framework error, turned into an RFC 9457 problem document here
+and nowhere else."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import (
+    HTTPException,
+    MethodNotAllowedException,
+    NotFoundException,
+    ValidationException,
+)
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE
+
+from enrollment_service.db import DatabaseUnavailable
+
+log = logging.getLogger("enrollment_service.problems")
+
+PROBLEM_BASE = "https://enrollment-service/problems/"
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class FieldError(msgspec.Struct, frozen=True):
+    field: str
+    message: str
+
+
+class Problem(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The body of every error response."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError] | None = None
+    checks: dict[str, str] | None = None
+
+
+# --- Domain errors: small classes carrying ids, raised where the outcome is known. ----------
+
+
+class DomainError(Exception):
+    status: int = 500
+    slug: str = "internal-error"
+    title: str = "Internal error"
+
+    def detail(self) -> str:
+        return "The service failed to handle the request"
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+@dataclass(eq=False)
+class ValidationFailed(DomainError):
+    errors: list[FieldError]
+    status = 400
+    slug = "validation-error"
+    title = "Invalid request"
+
+    def detail(self) -> str:
+        names = ", ".join(dict.fromkeys(error.field for error in self.errors))
+        return f"Invalid value for {names}"
+
+
+@dataclass(eq=False)
+class StudentNotFound(DomainError):
+    student_id: int
+    status = 404
+    slug = "student-not-found"
+    title = "Student not found"
+
+    def detail(self) -> str:
+        return f"Student {self.student_id} does not exist"
+
+
+@dataclass(eq=False)
+class CourseNotFound(DomainError):
+    course_id: int
+    status = 404
+    slug = "course-not-found"
+    title = "Course not found"
+
+    def detail(self) -> str:
+        return f"Course {self.course_id} does not exist"
+
+
+@dataclass(eq=False)
+class EnrollmentNotFound(DomainError):
+    student_id: int
+    course_id: int
+    status = 404
+    slug = "enrollment-not-found"
+    title = "Enrollment not found"
+
+    def detail(self) -> str:
+        return f"Student {self.student_id} is not enrolled in course {self.course_id}"
+
+
+@dataclass(eq=False)
+class EmailTaken(DomainError):
+    status = 409
+    slug = "email-taken"
+    title = "Email taken"
+
+    def detail(self) -> str:
+        return "Another student already has this email (compared case-insensitively)"
+
+
+@dataclass(eq=False)
+class CodeTaken(DomainError):
+    code: str
+    status = 409
+    slug = "code-taken"
+    title = "Code taken"
+
+    def detail(self) -> str:
+        return f"Another course already has code {self.code!r} (compared case-insensitively)"
+
+
+@dataclass(eq=False)
+class AlreadyEnrolled(DomainError):
+    student_id: int
+    course_id: int
+    status = 409
+    slug = "already-enrolled"
+    title = "Already enrolled"
+
+    def detail(self) -> str:
+        return f"Student {self.student_id} is already enrolled in course {self.course_id}"
+
+
+@dataclass(eq=False)
+class CourseFull(DomainError):
+    course_id: int
+    status = 409
+    slug = "course-full"
+    title = "Course full"
+
+    def detail(self) -> str:
+        return f"Course {self.course_id} has no free seat"
+
+
+@dataclass(eq=False)
+class CapacityBelowEnrolled(DomainError):
+    course_id: int
+    capacity: int
+    status = 409
+    slug = "capacity-below-enrolled"
+    title = "Capacity below enrolled count"
+
+    def detail(self) -> str:
+        return (
+            f"Course {self.course_id} has more students enrolled than the requested "
+            f"capacity {self.capacity}"
+        )
+
+
+@dataclass(eq=False)
+class Unauthorized(DomainError):
+    status = 401
+    slug = "unauthorized"
+    title = "Unauthorized"
+
+    def detail(self) -> str:
+        return "Send a valid token as 'Authorization: Bearer <token>'"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="enrollment-service"'}
+
+
+@dataclass(eq=False)
+class UnsupportedMediaType(DomainError):
+    content_type: str
+    status = 415
+    slug = "unsupported-media-type"
+    title = "Unsupported media type"
+
+    def detail(self) -> str:
+        sent = self.content_type or "no Content-Type"
+        return f"The request body must be application/json, not {sent}"
+
+
+@dataclass(eq=False)
+class NotReady(DomainError):
+    checks: dict[str, str]
+    status = 503
+    slug = "not-ready"
+    title = "Not ready"
+
+    def detail(self) -> str:
+        failing = ", ".join(name for name, result in self.checks.items() if result != "ok")
+        return f"The service is not ready: {failing or 'shutting down'}"
+
+
+@dataclass(eq=False)
+class Unavailable(DomainError):
+    retry_after: int
+    status = 503
+    slug = "database-unavailable"
+    title = "Database unavailable"
+
+    def detail(self) -> str:
+        return "The database cannot be reached right now; retry later"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+@dataclass(eq=False)
+class RouteNotFound(DomainError):
+    path: str
+    status = 404
+    slug = "not-found"
+    title = "Not found"
+
+    def detail(self) -> str:
+        return f"No route matches {self.path}"
+
+
+@dataclass(eq=False)
+class MethodNotAllowed(DomainError):
+    method: str
+    path: str
+    status = 405
+    slug = "method-not-allowed"
+    title = "Method not allowed"
+
+    def detail(self) -> str:
+        return f"{self.method} is not allowed on {self.path}"
+
+
+@dataclass(eq=False)
+class PayloadTooLarge(DomainError):
+    status = 413
+    slug = "payload-too-large"
+    title = "Payload too large"
+
+    def detail(self) -> str:
+        return "The request body exceeds 1 MiB"
+
+
+# --- Turning errors into responses. --------------------------------------------------------
+
+
+def problem_document(error: DomainError) -> Problem:
+    errors = error.errors if isinstance(error, ValidationFailed) else None
+    checks = error.checks if isinstance(error, NotReady) else None
+    return Problem(
+        type=PROBLEM_BASE + error.slug,
+        title=error.title,
+        status=error.status,
+        detail=error.detail(),
+        errors=errors,
+        checks=checks,
+    )
+
+
+def problem_response(error: DomainError) -> Response[Problem]:
+    document = problem_document(error)
+    return Response(
+        document,
+        status_code=document.status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=error.headers(),
+    )
+
+
+def _from_framework(request: Request[Any, Any, Any], exc: Exception) -> DomainError:
+    if isinstance(exc, DomainError):
+        return exc
+    if isinstance(exc, DatabaseUnavailable):
+        return Unavailable(retry_after=request.app.state.settings.retry_after_seconds)
+    if isinstance(exc, ValidationException):
+        return ValidationFailed(_field_errors(request, exc))
+    if isinstance(exc, NotFoundException):
+        return RouteNotFound(request.url.path)
+    if isinstance(exc, MethodNotAllowedException):
+        return MethodNotAllowed(request.method, request.url.path)
+    if isinstance(exc, HTTPException) and exc.status_code == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
+        return PayloadTooLarge()
+    log.exception("unhandled error on %s %s", request.method, request.scope.get("path_template"))
+    return DomainError()
+
+
+def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
+    response = problem_response(_from_framework(request, exc))
+    if isinstance(exc, MethodNotAllowedException) and exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+def _field_errors(request: Request[Any, Any, Any], exc: ValidationException) -> list[FieldError]:
+    errors: list[FieldError] = []
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    for item in extra:
+        if not isinstance(item, dict):
+            continue
+        key = str(item.get("key") or "body")
+        if key == "data":
+            errors.append(FieldError("body", "a JSON object is required"))
+            continue
+        errors.append(FieldError(key, _clean_message(str(item.get("message", "is invalid")))))
+    if not errors:
+        errors.append(FieldError("body", _clean_message(exc.detail)))
+    return errors
+
+
+def _clean_message(message: str) -> str:
+    return message.split(" - at `", 1)[0]
+
+
+# --- What the OpenAPI document says each handler may answer. ------------------------------
+
+_DESCRIPTIONS = {
+    400: "validation-error: a malformed body, a wrong type, a missing, unknown or out-of-range "
+    "field, or a bad limit, cursor or id; `errors` names each bad field",
+    401: "unauthorized: tokens are configured and the request has no valid bearer token",
+    404: "not found: the slug says which of student-not-found, course-not-found, "
+    "enrollment-not-found",
+    409: "conflict: the slug says which of email-taken, code-taken, already-enrolled, "
+    "course-full, capacity-below-enrolled",
+    413: "payload-too-large: the body exceeds 1 MiB",
+    415: "unsupported-media-type: the body is not application/json",
+    500: "internal-error: never expected",
+    503: "database-unavailable (with Retry-After), or not-ready while migrations are pending",
+}
+_ALWAYS = (401, 500, 503)
+_WITH_BODY = (400, 413, 415)
+
+
+def documented(*statuses: int, body: bool = False) -> dict[int, ResponseSpec]:
+    """The problem responses a handler declares in the OpenAPI document."""
+    codes = sorted({*statuses, *_ALWAYS, *(_WITH_BODY if body else ())})
+    return {
+        code: ResponseSpec(
+            data_container=Problem,
+            media_type=PROBLEM_MEDIA_TYPE,
+            description=_DESCRIPTIONS[code],
+            generate_examples=False,
+        )
+        for code in codes
+    }

@@ -1,0 +1,132 @@
+"""Students: the controller for /students and the Structs it reads and writes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import asyncpg
+import msgspec
+from litestar import Controller, delete, get, patch, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody, Parameter
+from litestar.response import Response
+from msgspec import UNSET, UnsetType
+
+from enrollment_service.db import Database, Query
+from enrollment_service.health import schema_gate
+from enrollment_service.pagination import Cursor, Cursors, Limit, Page
+from enrollment_service.problems import EmailTaken, StudentNotFound, documented
+from enrollment_service.validation import Email, Id, Name, StrictBody, given_or_none
+
+CREATE = Query.load("students/create")
+GET = Query.load("students/get")
+LIST = Query.load("students/list")
+LIST_BY_EMAIL = Query.load("students/list_by_email")
+PATCH = Query.load("students/patch")
+DELETE = Query.load("students/delete")
+
+StudentId = Annotated[int, Parameter(ge=1, le=2**63 - 1, description="The student's id")]
+
+
+class NewStudent(msgspec.Struct, forbid_unknown_fields=True):
+    name: Name
+    email: Email
+
+
+class StudentPatch(msgspec.Struct, forbid_unknown_fields=True):
+    name: Name | UnsetType = UNSET
+    email: Email | UnsetType = UNSET
+
+
+class Student(msgspec.Struct, frozen=True):
+    id: Id
+    name: str
+    email: str
+    created_at: datetime
+
+
+def to_student(row: asyncpg.Record) -> Student:
+    return Student(id=row["id"], name=row["name"], email=row["email"], created_at=row["created_at"])
+
+
+def _refusal(error: asyncpg.UniqueViolationError) -> Exception:
+    return EmailTaken() if error.constraint_name == "students_email_key" else error
+
+
+class StudentController(Controller):
+    path = "/students"
+    tags = ["students"]
+    guards = [schema_gate]
+
+    @post(
+        dto=StrictBody[NewStudent],
+        return_dto=None,
+        status_code=201,
+        summary="Create a student",
+        responses=documented(409, body=True),
+    )
+    async def create_student(
+        self, db: NamedDependency[Database], data: JSONBody[NewStudent]
+    ) -> Response[Student]:
+        try:
+            row = await db.fetchrow(CREATE, data.name, data.email)
+        except asyncpg.UniqueViolationError as error:
+            raise _refusal(error) from None
+        assert row is not None
+        student = to_student(row)
+        return Response(student, status_code=201, headers={"Location": f"/students/{student.id}"})
+
+    @get(summary="List students by id", responses=documented(400))
+    async def list_students(
+        self,
+        db: NamedDependency[Database],
+        cursors: NamedDependency[Cursors],
+        limit: Limit = 50,
+        cursor: Cursor = None,
+        email: Annotated[
+            str | None, Parameter(max_length=254, description="Exact email, any case")
+        ] = None,
+    ) -> Page[Student]:
+        after = cursors.decode(cursor)
+        if email is None:
+            rows = await db.fetch(LIST, after, limit + 1)
+        else:
+            rows = await db.fetch(LIST_BY_EMAIL, after, limit + 1, email.strip())
+        return cursors.page(rows, limit, to_student, key=lambda row: row["id"])
+
+    @get("/{student_id:str}", summary="Get a student", responses=documented(400, 404))
+    async def get_student(self, db: NamedDependency[Database], student_id: StudentId) -> Student:
+        row = await db.fetchrow(GET, student_id)
+        if row is None:
+            raise StudentNotFound(student_id)
+        return to_student(row)
+
+    @patch(
+        "/{student_id:str}",
+        dto=StrictBody[StudentPatch],
+        return_dto=None,
+        summary="Change a student's name or email",
+        responses=documented(404, 409, body=True),
+    )
+    async def patch_student(
+        self, db: NamedDependency[Database], student_id: StudentId, data: JSONBody[StudentPatch]
+    ) -> Student:
+        try:
+            row = await db.fetchrow(
+                PATCH, student_id, given_or_none(data.name), given_or_none(data.email)
+            )
+        except asyncpg.UniqueViolationError as error:
+            raise _refusal(error) from None
+        if row is None:
+            raise StudentNotFound(student_id)
+        return to_student(row)
+
+    @delete(
+        "/{student_id:str}",
+        summary="Delete a student and their enrollments",
+        responses=documented(400, 404),
+    )
+    async def delete_student(self, db: NamedDependency[Database], student_id: StudentId) -> None:
+        if await db.fetchrow(DELETE, student_id) is None:
+            raise StudentNotFound(student_id)

@@ -1,0 +1,145 @@
+"""The contract's bounds as named types, and strict decoding of request bodies into Structs.
+
+Litestar decodes bodies in msgspec's lax mode ("5" would pass as 5) and stops at the first bad
+field. `StrictBody` is a DTO that decodes the raw bytes itself: strict JSON types, strings trimmed
+before they are checked, unknown fields rejected, and every bad field reported at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Generic, TypeVar
+
+import msgspec
+from litestar._openapi.schema_generation import SchemaCreator
+from litestar.dto import MsgspecDTO
+from litestar.openapi.spec import Reference, Schema
+from litestar.typing import FieldDefinition
+from msgspec import Meta
+
+from enrollment_service.problems import FieldError, UnsupportedMediaType, ValidationFailed
+
+MAX_ID = 2**63 - 1
+NO_CONTROL_CHARS = r"^[^\x00-\x1f\x7f]*$"
+
+Id = Annotated[int, Meta(ge=1, le=MAX_ID, description="A positive 64-bit id")]
+Name = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=200,
+        pattern=NO_CONTROL_CHARS,
+        description="1-200 characters after trimming surrounding whitespace",
+    ),
+]
+Email = Annotated[
+    str,
+    Meta(
+        min_length=3,
+        max_length=254,
+        pattern=r"^[^\s@\x00-\x1f\x7f]+@[^\s@\x00-\x1f\x7f]+$",
+        description="3-254 characters with exactly one @; unique case-insensitively",
+    ),
+]
+Code = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=32,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="1-32 characters of [A-Za-z0-9_.-]; unique case-insensitively",
+    ),
+]
+Level = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=50,
+        pattern=NO_CONTROL_CHARS,
+        description="1-50 characters after trimming surrounding whitespace",
+    ),
+]
+Capacity = Annotated[int, Meta(ge=0, le=1_000_000, description="Seats; null means no limit")]
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+JSON_MEDIA_TYPES = ("application/json",)
+
+
+def is_json_media_type(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
+def decode_strict(raw: bytes, model: type[S]) -> S | list[FieldError]:
+    """Decode `raw` into `model`, or return one FieldError per bad field."""
+    try:
+        data = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return [FieldError("body", "is not valid JSON")]
+    if not isinstance(data, dict):
+        return [FieldError("body", "must be a JSON object")]
+    fields = {f.encode_name: f for f in msgspec.structs.fields(model)}
+    errors = [FieldError(key, "is not a known field") for key in data if key not in fields]
+    values: dict[str, Any] = {}
+    for name, struct_field in fields.items():
+        if name not in data:
+            if struct_field.required:
+                errors.append(FieldError(name, "is required"))
+            continue
+        value = data[name]
+        if isinstance(value, str):
+            value = value.strip()
+        try:
+            values[struct_field.name] = msgspec.convert(value, struct_field.type, strict=True)
+        except msgspec.ValidationError as error:
+            errors.append(FieldError(name, str(error).split(" - at `", 1)[0]))
+    if errors:
+        return errors
+    return model(**values)
+
+
+T = TypeVar("T")
+
+
+StructT = TypeVar("StructT", bound=msgspec.Struct)
+
+
+class StrictBody(MsgspecDTO[StructT], Generic[StructT]):
+    """Use as `dto=StrictBody[NewStudent]` (with `return_dto=None`) on a handler taking `data`."""
+
+    def decode_bytes(self, value: bytes) -> Any:
+        content_type = self.asgi_connection.headers.get("content-type", "")
+        if not is_json_media_type(content_type):
+            raise UnsupportedMediaType(content_type)
+        result = decode_strict(value, self.model_type)
+        if isinstance(result, list):
+            # Litestar checks the path only after the body: report a bad path id here too,
+            # so that every bad field is listed at once.
+            raise ValidationFailed(path_id_errors(self.asgi_connection.path_params) + result)
+        return result
+
+    @classmethod
+    def create_openapi_schema(
+        cls, field_definition: FieldDefinition, handler_id: str, schema_creator: SchemaCreator
+    ) -> Reference | Schema:
+        # Document the Struct itself, exactly as a handler taking it without a DTO would.
+        return schema_creator.for_field_definition(FieldDefinition.from_annotation(cls.model_type))
+
+
+def path_id_errors(path_params: Mapping[str, Any]) -> list[FieldError]:
+    """Every path parameter of this API is an id."""
+    errors = []
+    for name, raw in path_params.items():
+        try:
+            msgspec.convert(int(raw), Id)
+        except (ValueError, msgspec.ValidationError):
+            errors.append(FieldError(name, f"must be an integer from 1 to {MAX_ID}"))
+    return errors
+
+
+def given_or_none(value: T | msgspec.UnsetType) -> T | None:
+    """A PATCH field's value, or None when the caller left it out (the SQL keeps the old one)."""
+    return None if isinstance(value, msgspec.UnsetType) else value

@@ -1,0 +1,3 @@
+-- ping: no parameters
+-- returns 1 when the database answers
+select 1
