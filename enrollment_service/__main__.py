@@ -13,6 +13,7 @@ import uvicorn
 
 from enrollment_service import migrations
 from enrollment_service.app import Service, create_app
+from enrollment_service.db import Database
 from enrollment_service.observability import configure_logging
 from enrollment_service.settings import Settings, SettingsError, load_settings
 
@@ -23,14 +24,18 @@ class GracefulServer(uvicorn.Server):
     """uvicorn, plus: readiness turns 503 the moment SIGTERM arrives, and a graceful stop exits
     0 (uvicorn re-raises the signal after stopping, which would make the exit status 143)."""
 
-    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+    def __init__(self, config: uvicorn.Config, service: Service, grace_seconds: float) -> None:
         super().__init__(config)
         self.service = service
+        self.grace_seconds = grace_seconds
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit:
             log.info("received %s: finishing in-flight requests", signal.Signals(sig).name)
             self.service.start_draining()
+            db: Database | None = getattr(self.service.litestar.state, "db", None)
+            if db is not None:
+                db.drain(self.grace_seconds)
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
 
@@ -48,10 +53,12 @@ def serve(settings: Settings, database_url: str) -> int:
         log_config=None,
         server_header=False,
         proxy_headers=False,
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_period),
+        # The grace period bounds the requests' database work (Database.drain answers 503 when
+        # it ends); uvicorn's own cut-off, a bare 500, comes a second later as a last resort.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_period) + 1,
         timeout_keep_alive=5,
     )
-    server = GracefulServer(config, service)
+    server = GracefulServer(config, service, settings.shutdown_grace_period)
     server.run()
     return 0 if server.started else 1
 

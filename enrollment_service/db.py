@@ -70,6 +70,22 @@ class Database:
     def __init__(self, pool: asyncpg.Pool, acquire_timeout: float) -> None:
         self.pool = pool
         self.acquire_timeout = acquire_timeout
+        self._loop = asyncio.get_running_loop()
+        # Set on shutdown: the loop time by which every statement must be done.
+        self._deadline: float | None = None
+        self._running: set[asyncio.Timeout] = set()
+
+    def drain(self, grace_seconds: float) -> None:
+        """Shutdown has begun: every statement, running or yet to come, gets `grace_seconds` to
+        finish, then fails as DatabaseUnavailable, so that a request the shutdown cannot wait
+        for is answered 503 with Retry-After (the server's own cut-off would be a bare 500).
+        Safe to call from a signal handler."""
+        self._loop.call_soon_threadsafe(self._set_deadline, grace_seconds)
+
+    def _set_deadline(self, grace_seconds: float) -> None:
+        self._deadline = self._loop.time() + grace_seconds
+        for timeout in self._running:
+            timeout.reschedule(self._deadline)
 
     async def fetch(self, query: Query, *args: Any) -> list[asyncpg.Record]:
         return await self._run(lambda conn: conn.fetch(query.text, *args))
@@ -78,6 +94,19 @@ class Database:
         return await self._run(lambda conn: conn.fetchrow(query.text, *args))
 
     async def _run(self, work: Callable[[PoolConnectionProxy], Awaitable[T]]) -> T:
+        try:
+            async with asyncio.timeout_at(self._deadline) as timeout:
+                self._running.add(timeout)
+                try:
+                    return await self._attempts(work)
+                finally:
+                    self._running.discard(timeout)
+        except TimeoutError as error:
+            # Only the shutdown deadline gets here: _attempts maps every other timeout itself.
+            log.warning("shutdown grace period over: a statement was cut off")
+            raise DatabaseUnavailable("shutting down") from error
+
+    async def _attempts(self, work: Callable[[PoolConnectionProxy], Awaitable[T]]) -> T:
         for attempt in range(1, RETRY_ATTEMPTS + 1):
             try:
                 async with self.pool.acquire(timeout=self.acquire_timeout) as conn:

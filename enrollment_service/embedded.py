@@ -82,8 +82,16 @@ class EmbeddedPostgres:
 
     def _pg(self, program: str, *args: str, timeout: float = 60) -> None:
         command = [str(self.bin_dir / program), *args]
+        # A session of its own: Ctrl-C in the terminal reaches our process, which then stops
+        # PostgreSQL cleanly, instead of reaching the server directly mid-request.
         result = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, check=False, **self._run_as
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            start_new_session=True,
+            **self._run_as,
         )
         if result.returncode != 0:
             raise EmbeddedPostgresError(

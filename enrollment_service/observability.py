@@ -39,10 +39,22 @@ access_log = logging.getLogger("enrollment_service.access")
 # --- Logging -------------------------------------------------------------------------------
 
 
-class _RequestIdFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
+def _install_request_id_on_every_record() -> None:
+    """Every log record, from any logger and to any handler, carries the current request id."""
+    make_record = logging.getLogRecordFactory()
+    if getattr(make_record, "adds_request_id", False):
+        return
+
+    def make_record_with_request_id(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
         record.request_id = REQUEST_ID.get()
-        return True
+        return record
+
+    make_record_with_request_id.adds_request_id = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(make_record_with_request_id)
+
+
+_install_request_id_on_every_record()
 
 
 class JsonFormatter(logging.Formatter):
@@ -72,7 +84,6 @@ class TextFormatter(logging.Formatter):
 def configure_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
-    handler.addFilter(_RequestIdFilter())
     JsonFormatter.converter = time.gmtime
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -48,9 +48,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
 def _parse_int(low: int, high: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
-        value = int(raw)
+        try:
+            value = int(raw)
+        except ValueError:
+            value = low - 1
         if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}")
+            raise ValueError(f"must be a whole number from {low} to {high}, not {raw!r}")
         return value
 
     return parse
@@ -58,9 +61,12 @@ def _parse_int(low: int, high: int) -> Callable[[str], int]:
 
 def _parse_float(low: float, high: float) -> Callable[[str], float]:
     def parse(raw: str) -> float:
-        value = float(raw)
+        try:
+            value = float(raw)
+        except ValueError:
+            value = low - 1
         if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}")
+            raise ValueError(f"must be a number of seconds from {low} to {high}, not {raw!r}")
         return value
 
     return parse

@@ -1,0 +1,83 @@
+"""`enrollment-service dev`: needs no configuration, serves on an embedded PostgreSQL that keeps
+its data across restarts, and stops everything on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from enrollment_service.embedded import EmbeddedPostgres
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _start_dev(data_dir: Path, port: int) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if "DATABASE_URL" not in k}
+    env.update({"PORT": str(port), "HOST": "127.0.0.1", "DATA_DIR": str(data_dir)})
+    return subprocess.Popen(
+        [sys.executable, "-m", "enrollment_service", "dev"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_ready(base: str, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0]
+        try:
+            if httpx.get(f"{base}/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"dev server never became ready: {process.communicate()[0]}")
+
+
+def _interrupt(process: subprocess.Popen[str]) -> str:
+    """Ctrl-C in a terminal: SIGINT to the whole foreground process group."""
+    os.killpg(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    return output
+
+
+def test_dev_serves_on_embedded_postgres_keeps_data_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    data_dir = tmp_path / "pg"
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+
+    process = _start_dev(data_dir, port)
+    try:
+        _wait_ready(base, process)
+        created = httpx.post(f"{base}/students", json={"name": "Ada", "email": "ada@example.org"})
+        assert created.status_code == 201
+    finally:
+        output = _interrupt(process)
+    assert "embedded PostgreSQL stopped" in output
+    assert not EmbeddedPostgres(data_dir).is_running()
+
+    process = _start_dev(data_dir, port)
+    try:
+        _wait_ready(base, process)
+        again = httpx.get(f"{base}/students/{created.json()['id']}")
+        assert again.status_code == 200
+        assert again.json() == created.json()
+    finally:
+        _interrupt(process)
