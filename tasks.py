@@ -4,7 +4,7 @@ lock file (once, and again whenever the lock changes), then runs inside it.
 
     python3 tasks.py serve     # the API on http://localhost:8000, on an embedded PostgreSQL
     python3 tasks.py test      # the whole test suite, with coverage
-    python3 tasks.py lint      # ruff and mypy --strict
+    python3 tasks.py lint      # ruff check, ruff format --check, mypy --strict
     python3 tasks.py bench     # the benchmark (see bench/README.md); --smoke for a quick run
     python3 tasks.py env       # only make the environment
 """
@@ -75,7 +75,11 @@ def main(argv: list[str]) -> int:
     if task == "test":
         return run(*TEST_COMMAND, *rest)
     if task == "lint":
-        return run("-m", "ruff", "check", ".") or run("-m", "mypy")
+        return (
+            run("-m", "ruff", "check", ".")
+            or run("-m", "ruff", "format", "--check", ".")
+            or run("-m", "mypy")
+        )
     if task == "bench":
         return run("-m", "bench", *rest)
     print(f"unknown task {task!r}\n{__doc__}", file=sys.stderr)
