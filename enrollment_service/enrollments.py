@@ -143,12 +143,13 @@ class EnrollmentController(Controller):
         limit: Limit = 50,
         cursor: Cursor = None,
     ) -> Page[EnrolledCourse]:
-        rows = await db.fetch(LIST_FOR_STUDENT, student_id, cursors.decode(cursor), limit + 1)
+        listing = f"students/{student_id}/courses"
+        rows = await db.fetch(
+            LIST_FOR_STUDENT, student_id, cursors.decode(cursor, listing), limit + 1
+        )
         if not rows:
             raise StudentNotFound(student_id)
-        return cursors.page(
-            _without_empty_row(rows), limit, to_enrolled_course, key=lambda row: row["id"]
-        )
+        return cursors.page(_without_empty_row(rows), limit, to_enrolled_course, listing)
 
     @get("/{course_id:str}", summary="Get one enrollment", responses=documented(400, 404))
     async def get_enrollment(
@@ -191,9 +192,8 @@ class RosterController(Controller):
         limit: Limit = 50,
         cursor: Cursor = None,
     ) -> Page[EnrolledStudent]:
-        rows = await db.fetch(ROSTER, course_id, cursors.decode(cursor), limit + 1)
+        listing = f"courses/{course_id}/students"
+        rows = await db.fetch(ROSTER, course_id, cursors.decode(cursor, listing), limit + 1)
         if not rows:
             raise CourseNotFound(course_id)
-        return cursors.page(
-            _without_empty_row(rows), limit, to_enrolled_student, key=lambda row: row["id"]
-        )
+        return cursors.page(_without_empty_row(rows), limit, to_enrolled_student, listing)

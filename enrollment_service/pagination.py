@@ -1,7 +1,8 @@
 """Keyset pagination: pages ordered by id, and opaque cursors that name where the last page ended.
 
-A cursor is the last id of a page plus a keyed tag, base64url-encoded. The tag makes any edited
-or invented cursor a 400 instead of a silently different page. Walking pages by `id > last id`
+A cursor is the last id of a page plus a keyed tag over that id and the listing it came from,
+base64url-encoded. The tag makes an edited or invented cursor, or one taken from another listing,
+a 400 instead of a silently different page. Walking pages by `id > last id`
 returns every row that exists for the whole walk exactly once, whatever is inserted or deleted
 meanwhile, and costs the same on page 10,000 as on page 1.
 """
@@ -16,13 +17,13 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Generic, TypeVar
 
 import msgspec
+from asyncpg import Record
 from litestar.params import Parameter
 
 from enrollment_service.problems import FieldError, ValidationFailed
 from enrollment_service.validation import MAX_ID
 
 T = TypeVar("T")
-R = TypeVar("R")
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
@@ -49,15 +50,18 @@ class Cursors:
     def __init__(self, secret: str) -> None:
         self._key = hashlib.sha256(secret.encode()).digest()
 
-    def _tag(self, payload: bytes) -> bytes:
-        return hmac.new(self._key, payload, hashlib.sha256).digest()[:_TAG_BYTES]
+    def _tag(self, payload: bytes, listing: str) -> bytes:
+        message = payload + listing.encode()
+        return hmac.new(self._key, message, hashlib.sha256).digest()[:_TAG_BYTES]
 
-    def encode(self, last_id: int) -> str:
+    def encode(self, last_id: int, listing: str) -> str:
         payload = last_id.to_bytes(8, "big")
-        return base64.urlsafe_b64encode(payload + self._tag(payload)).rstrip(b"=").decode()
+        tag = self._tag(payload, listing)
+        return base64.urlsafe_b64encode(payload + tag).rstrip(b"=").decode()
 
-    def decode(self, cursor: str | None) -> int:
-        """The id a page starts after (0 for the first page); ValidationFailed if tampered."""
+    def decode(self, cursor: str | None, listing: str) -> int:
+        """The id a page of `listing` starts after (0 for the first page); ValidationFailed if
+        the cursor was not issued for this listing."""
         if cursor is None:
             return 0
         try:
@@ -65,18 +69,20 @@ class Cursors:
         except (binascii.Error, ValueError):
             raw = b""
         payload, tag = raw[:8], raw[8:]
-        if len(raw) != 8 + _TAG_BYTES or not hmac.compare_digest(tag, self._tag(payload)):
-            raise ValidationFailed([FieldError("cursor", "is not a cursor this service issued")])
+        if len(raw) != 8 + _TAG_BYTES or not hmac.compare_digest(tag, self._tag(payload, listing)):
+            raise ValidationFailed(
+                [FieldError("cursor", "is not a cursor this service issued for this listing")]
+            )
         last_id = int.from_bytes(payload, "big")
         if not 1 <= last_id <= MAX_ID:  # pragma: no cover - only reachable with the secret
             raise ValidationFailed([FieldError("cursor", "is out of range")])
         return last_id
 
     def page(
-        self, rows: Sequence[R], limit: int, to_item: Callable[[R], T], key: Callable[[R], int]
+        self, rows: Sequence[Record], limit: int, to_item: Callable[[Record], T], listing: str
     ) -> Page[T]:
-        """Build a page from up to `limit + 1` rows: the extra row only says a next page exists."""
-        has_more = len(rows) > limit
+        """Build a page from up to `limit + 1` rows ordered by their `id` column: the extra row
+        only says that a next page exists."""
         kept = rows[:limit]
-        next_cursor = self.encode(key(kept[-1])) if has_more else None
+        next_cursor = self.encode(kept[-1]["id"], listing) if len(rows) > limit else None
         return Page(items=[to_item(row) for row in kept], next_cursor=next_cursor)

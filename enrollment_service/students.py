@@ -88,12 +88,13 @@ class StudentController(Controller):
             str | None, Parameter(max_length=254, description="Exact email, any case")
         ] = None,
     ) -> Page[Student]:
-        after = cursors.decode(cursor)
+        listing = "students" if email is None else f"students?email={email.strip().lower()}"
+        after = cursors.decode(cursor, listing)
         if email is None:
             rows = await db.fetch(LIST, after, limit + 1)
         else:
             rows = await db.fetch(LIST_BY_EMAIL, after, limit + 1, email.strip())
-        return cursors.page(rows, limit, to_student, key=lambda row: row["id"])
+        return cursors.page(rows, limit, to_student, listing)
 
     @get("/{student_id:str}", summary="Get a student", responses=documented(400, 404))
     async def get_student(self, db: NamedDependency[Database], student_id: StudentId) -> Student:

@@ -127,6 +127,9 @@ async def test_a_tampered_or_invented_cursor_answers_400(client: httpx.AsyncClie
         response = await client.get("/students", params={"cursor": bad})
         assert error_fields(response) == {"cursor"}, bad
     assert (await client.get("/students", params={"cursor": cursor})).status_code == 200
+    # A genuine cursor from another listing is refused too.
+    other = await client.get("/courses", params={"cursor": cursor})
+    assert error_fields(other) == {"cursor"}
 
 
 async def test_bad_limit_and_cursor_are_reported_together(client: httpx.AsyncClient) -> None:
