@@ -58,6 +58,10 @@ class Course(msgspec.Struct, frozen=True):
     created_at: datetime
 
 
+class CoursePage(Page[Course], frozen=True):
+    pass
+
+
 def to_course(row: asyncpg.Record) -> Course:
     return Course(
         id=row["id"],
@@ -109,14 +113,14 @@ class CourseController(Controller):
         code: Annotated[
             str | None, Parameter(max_length=32, description="Exact course code, any case")
         ] = None,
-    ) -> Page[Course]:
+    ) -> CoursePage:
         listing = "courses" if code is None else f"courses?code={code.strip().lower()}"
         after = cursors.decode(cursor, listing)
         if code is None:
             rows = await db.fetch(LIST, after, limit + 1)
         else:
             rows = await db.fetch(LIST_BY_CODE, after, limit + 1, code.strip())
-        return cursors.page(rows, limit, to_course, listing)
+        return cursors.page(CoursePage, rows, limit, to_course, listing)
 
     @get("/{course_id:str}", summary="Get a course", responses=documented(400, 404))
     async def get_course(self, db: NamedDependency[Database], course_id: CourseId) -> Course:

@@ -33,6 +33,17 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.QueryCanceledError,
 )
 
+#: Errors after which a connection is unusable. InternalClientError is asyncpg's "protocol in an
+#: unexpected state": what a pooled connection shows when the FATAL of its terminated backend
+#: (PostgreSQL shutting down) arrived while it sat idle, before the close did.
+BROKEN_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InternalClientError,
+)
+
 #: Errors that running the same statement again may cure.
 RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.DeadlockDetectedError,
@@ -109,16 +120,32 @@ class Database:
     async def _attempts(self, work: Callable[[PoolConnectionProxy], Awaitable[T]]) -> T:
         for attempt in range(1, RETRY_ATTEMPTS + 1):
             try:
-                async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
-                    return await work(conn)
+                return await self._once(work)
             except RETRYABLE_ERRORS as error:
                 if attempt == RETRY_ATTEMPTS:
                     log.warning("gave up after %d attempts: %s", attempt, type(error).__name__)
                     raise DatabaseUnavailable(type(error).__name__) from error
                 await asyncio.sleep(0.005 * 2**attempt)
-            except UNAVAILABLE_ERRORS as error:
+            except (*UNAVAILABLE_ERRORS, *BROKEN_CONNECTION_ERRORS) as error:
                 raise DatabaseUnavailable(type(error).__name__) from error
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _once(self, work: Callable[[PoolConnectionProxy], Awaitable[T]]) -> T:
+        conn = await self.pool.acquire(timeout=self.acquire_timeout)
+        try:
+            result = await work(conn)
+        except BROKEN_CONNECTION_ERRORS:
+            # Closed here, the pool replaces it; returned as it is, the pool would try to reset
+            # it, fail once more, and that error would hide this one.
+            conn.terminate()
+            raise
+        finally:
+            try:
+                await self.pool.release(conn)
+            except Exception as error:
+                # The pool has dropped the connection; the statement's outcome stands.
+                log.warning("a connection failed to reset and was closed: %r", error)
+        return result
 
     async def close(self, grace_seconds: float) -> None:
         try:

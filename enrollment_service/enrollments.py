@@ -66,6 +66,14 @@ class EnrolledStudent(msgspec.Struct, frozen=True):
     enrolled_at: datetime
 
 
+class EnrolledCoursePage(Page[EnrolledCourse], frozen=True):
+    pass
+
+
+class RosterPage(Page[EnrolledStudent], frozen=True):
+    pass
+
+
 def to_enrolled_course(row: asyncpg.Record) -> EnrolledCourse:
     return EnrolledCourse(
         id=row["id"],
@@ -142,14 +150,16 @@ class EnrollmentController(Controller):
         student_id: StudentId,
         limit: Limit = 50,
         cursor: Cursor = None,
-    ) -> Page[EnrolledCourse]:
+    ) -> EnrolledCoursePage:
         listing = f"students/{student_id}/courses"
         rows = await db.fetch(
             LIST_FOR_STUDENT, student_id, cursors.decode(cursor, listing), limit + 1
         )
         if not rows:
             raise StudentNotFound(student_id)
-        return cursors.page(_without_empty_row(rows), limit, to_enrolled_course, listing)
+        return cursors.page(
+            EnrolledCoursePage, _without_empty_row(rows), limit, to_enrolled_course, listing
+        )
 
     @get("/{course_id:str}", summary="Get one enrollment", responses=documented(400, 404))
     async def get_enrollment(
@@ -191,9 +201,11 @@ class RosterController(Controller):
         course_id: CourseId,
         limit: Limit = 50,
         cursor: Cursor = None,
-    ) -> Page[EnrolledStudent]:
+    ) -> RosterPage:
         listing = f"courses/{course_id}/students"
         rows = await db.fetch(ROSTER, course_id, cursors.decode(cursor, listing), limit + 1)
         if not rows:
             raise CourseNotFound(course_id)
-        return cursors.page(_without_empty_row(rows), limit, to_enrolled_student, listing)
+        return cursors.page(
+            RosterPage, _without_empty_row(rows), limit, to_enrolled_student, listing
+        )

@@ -14,7 +14,7 @@ import binascii
 import hashlib
 import hmac
 from collections.abc import Callable, Sequence
-from typing import Annotated, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 import msgspec
 from asyncpg import Record
@@ -40,8 +40,14 @@ Cursor = Annotated[
 
 
 class Page(msgspec.Struct, Generic[T], frozen=True):
+    """Subclass it per item type (`class StudentPage(Page[Student])`): the OpenAPI document
+    then names each page schema plainly."""
+
     items: list[T]
     next_cursor: str | None
+
+
+P = TypeVar("P", bound=Page[Any])
 
 
 class Cursors:
@@ -79,10 +85,15 @@ class Cursors:
         return last_id
 
     def page(
-        self, rows: Sequence[Record], limit: int, to_item: Callable[[Record], T], listing: str
-    ) -> Page[T]:
+        self,
+        page_type: type[P],
+        rows: Sequence[Record],
+        limit: int,
+        to_item: Callable[[Record], Any],
+        listing: str,
+    ) -> P:
         """Build a page from up to `limit + 1` rows ordered by their `id` column: the extra row
         only says that a next page exists."""
         kept = rows[:limit]
         next_cursor = self.encode(kept[-1]["id"], listing) if len(rows) > limit else None
-        return Page(items=[to_item(row) for row in kept], next_cursor=next_cursor)
+        return page_type(items=[to_item(row) for row in kept], next_cursor=next_cursor)

@@ -46,6 +46,10 @@ class Student(msgspec.Struct, frozen=True):
     created_at: datetime
 
 
+class StudentPage(Page[Student], frozen=True):
+    pass
+
+
 def to_student(row: asyncpg.Record) -> Student:
     return Student(id=row["id"], name=row["name"], email=row["email"], created_at=row["created_at"])
 
@@ -87,14 +91,14 @@ class StudentController(Controller):
         email: Annotated[
             str | None, Parameter(max_length=254, description="Exact email, any case")
         ] = None,
-    ) -> Page[Student]:
+    ) -> StudentPage:
         listing = "students" if email is None else f"students?email={email.strip().lower()}"
         after = cursors.decode(cursor, listing)
         if email is None:
             rows = await db.fetch(LIST, after, limit + 1)
         else:
             rows = await db.fetch(LIST_BY_EMAIL, after, limit + 1, email.strip())
-        return cursors.page(rows, limit, to_student, listing)
+        return cursors.page(StudentPage, rows, limit, to_student, listing)
 
     @get("/{student_id:str}", summary="Get a student", responses=documented(400, 404))
     async def get_student(self, db: NamedDependency[Database], student_id: StudentId) -> Student:
