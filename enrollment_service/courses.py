@@ -63,15 +63,8 @@ class CoursePage(Page[Course], frozen=True):
 
 
 def to_course(row: asyncpg.Record) -> Course:
-    return Course(
-        id=row["id"],
-        code=row["code"],
-        name=row["name"],
-        level=row["level"],
-        capacity=row["capacity"],
-        enrolled_count=row["enrolled_count"],
-        created_at=row["created_at"],
-    )
+    # The statement's columns are the Struct's fields, by name.
+    return Course(**row)
 
 
 def _code_taken(error: asyncpg.UniqueViolationError, code: str | UnsetType) -> Exception:

@@ -75,26 +75,13 @@ class RosterPage(Page[EnrolledStudent], frozen=True):
 
 
 def to_enrolled_course(row: asyncpg.Record) -> EnrolledCourse:
-    return EnrolledCourse(
-        id=row["id"],
-        code=row["code"],
-        name=row["name"],
-        level=row["level"],
-        capacity=row["capacity"],
-        enrolled_count=row["enrolled_count"],
-        created_at=row["created_at"],
-        enrolled_at=row["enrolled_at"],
-    )
+    # The statement's columns are the Struct's fields, by name.
+    return EnrolledCourse(**row)
 
 
 def to_enrolled_student(row: asyncpg.Record) -> EnrolledStudent:
-    return EnrolledStudent(
-        id=row["id"],
-        name=row["name"],
-        email=row["email"],
-        created_at=row["created_at"],
-        enrolled_at=row["enrolled_at"],
-    )
+    # The statement's columns are the Struct's fields, by name.
+    return EnrolledStudent(**row)
 
 
 def _refusal(

@@ -46,12 +46,16 @@ class Problem(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class DomainError(Exception):
-    status: int = 500
-    slug: str = "internal-error"
-    title: str = "Internal error"
+    """An outcome with its place in the contract. `detail` is a template filled from the
+    instance's fields; a subclass with more to say overrides `describe`."""
 
-    def detail(self) -> str:
-        return "The service failed to handle the request"
+    status = 500
+    slug = "internal-error"
+    title = "Internal error"
+    detail = "The service failed to handle the request"
+
+    def describe(self) -> str:
+        return self.detail.format_map(vars(self))
 
     def headers(self) -> dict[str, str]:
         return {}
@@ -60,11 +64,9 @@ class DomainError(Exception):
 @dataclass(eq=False)
 class ValidationFailed(DomainError):
     errors: list[FieldError]
-    status = 400
-    slug = "validation-error"
-    title = "Invalid request"
+    status, slug, title = 400, "validation-error", "Invalid request"
 
-    def detail(self) -> str:
+    def describe(self) -> str:
         names = ", ".join(dict.fromkeys(error.field for error in self.errors))
         return f"Invalid value for {names}"
 
@@ -72,104 +74,65 @@ class ValidationFailed(DomainError):
 @dataclass(eq=False)
 class StudentNotFound(DomainError):
     student_id: int
-    status = 404
-    slug = "student-not-found"
-    title = "Student not found"
-
-    def detail(self) -> str:
-        return f"Student {self.student_id} does not exist"
+    status, slug, title = 404, "student-not-found", "Student not found"
+    detail = "Student {student_id} does not exist"
 
 
 @dataclass(eq=False)
 class CourseNotFound(DomainError):
     course_id: int
-    status = 404
-    slug = "course-not-found"
-    title = "Course not found"
-
-    def detail(self) -> str:
-        return f"Course {self.course_id} does not exist"
+    status, slug, title = 404, "course-not-found", "Course not found"
+    detail = "Course {course_id} does not exist"
 
 
 @dataclass(eq=False)
 class EnrollmentNotFound(DomainError):
     student_id: int
     course_id: int
-    status = 404
-    slug = "enrollment-not-found"
-    title = "Enrollment not found"
-
-    def detail(self) -> str:
-        return f"Student {self.student_id} is not enrolled in course {self.course_id}"
+    status, slug, title = 404, "enrollment-not-found", "Enrollment not found"
+    detail = "Student {student_id} is not enrolled in course {course_id}"
 
 
 @dataclass(eq=False)
 class EmailTaken(DomainError):
-    status = 409
-    slug = "email-taken"
-    title = "Email taken"
-
-    def detail(self) -> str:
-        return "Another student already has this email (compared case-insensitively)"
+    status, slug, title = 409, "email-taken", "Email taken"
+    detail = "Another student already has this email (compared case-insensitively)"
 
 
 @dataclass(eq=False)
 class CodeTaken(DomainError):
     code: str
-    status = 409
-    slug = "code-taken"
-    title = "Code taken"
-
-    def detail(self) -> str:
-        return f"Another course already has code {self.code!r} (compared case-insensitively)"
+    status, slug, title = 409, "code-taken", "Code taken"
+    detail = "Another course already has code {code!r} (compared case-insensitively)"
 
 
 @dataclass(eq=False)
 class AlreadyEnrolled(DomainError):
     student_id: int
     course_id: int
-    status = 409
-    slug = "already-enrolled"
-    title = "Already enrolled"
-
-    def detail(self) -> str:
-        return f"Student {self.student_id} is already enrolled in course {self.course_id}"
+    status, slug, title = 409, "already-enrolled", "Already enrolled"
+    detail = "Student {student_id} is already enrolled in course {course_id}"
 
 
 @dataclass(eq=False)
 class CourseFull(DomainError):
     course_id: int
-    status = 409
-    slug = "course-full"
-    title = "Course full"
-
-    def detail(self) -> str:
-        return f"Course {self.course_id} has no free seat"
+    status, slug, title = 409, "course-full", "Course full"
+    detail = "Course {course_id} has no free seat"
 
 
 @dataclass(eq=False)
 class CapacityBelowEnrolled(DomainError):
     course_id: int
     capacity: int
-    status = 409
-    slug = "capacity-below-enrolled"
-    title = "Capacity below enrolled count"
-
-    def detail(self) -> str:
-        return (
-            f"Course {self.course_id} has more students enrolled than the requested "
-            f"capacity {self.capacity}"
-        )
+    status, slug, title = 409, "capacity-below-enrolled", "Capacity below enrolled count"
+    detail = "Course {course_id} has more students enrolled than the requested capacity {capacity}"
 
 
 @dataclass(eq=False)
 class Unauthorized(DomainError):
-    status = 401
-    slug = "unauthorized"
-    title = "Unauthorized"
-
-    def detail(self) -> str:
-        return "Send a valid token as 'Authorization: Bearer <token>'"
+    status, slug, title = 401, "unauthorized", "Unauthorized"
+    detail = "Send a valid token as 'Authorization: Bearer <token>'"
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": 'Bearer realm="enrollment-service"'}
@@ -178,11 +141,9 @@ class Unauthorized(DomainError):
 @dataclass(eq=False)
 class UnsupportedMediaType(DomainError):
     content_type: str
-    status = 415
-    slug = "unsupported-media-type"
-    title = "Unsupported media type"
+    status, slug, title = 415, "unsupported-media-type", "Unsupported media type"
 
-    def detail(self) -> str:
+    def describe(self) -> str:
         sent = self.content_type or "no Content-Type"
         return f"The request body must be application/json, not {sent}"
 
@@ -190,24 +151,18 @@ class UnsupportedMediaType(DomainError):
 @dataclass(eq=False)
 class NotReady(DomainError):
     checks: dict[str, str]
-    status = 503
-    slug = "not-ready"
-    title = "Not ready"
+    status, slug, title = 503, "not-ready", "Not ready"
 
-    def detail(self) -> str:
+    def describe(self) -> str:
         failing = ", ".join(name for name, result in self.checks.items() if result != "ok")
-        return f"The service is not ready: {failing or 'shutting down'}"
+        return f"The service is not ready: {failing}"
 
 
 @dataclass(eq=False)
 class Unavailable(DomainError):
     retry_after: int
-    status = 503
-    slug = "database-unavailable"
-    title = "Database unavailable"
-
-    def detail(self) -> str:
-        return "The database cannot be reached right now; retry later"
+    status, slug, title = 503, "database-unavailable", "Database unavailable"
+    detail = "The database cannot be reached right now; retry later"
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
@@ -216,34 +171,22 @@ class Unavailable(DomainError):
 @dataclass(eq=False)
 class RouteNotFound(DomainError):
     path: str
-    status = 404
-    slug = "not-found"
-    title = "Not found"
-
-    def detail(self) -> str:
-        return f"No route matches {self.path}"
+    status, slug, title = 404, "not-found", "Not found"
+    detail = "No route matches {path}"
 
 
 @dataclass(eq=False)
 class MethodNotAllowed(DomainError):
     method: str
     path: str
-    status = 405
-    slug = "method-not-allowed"
-    title = "Method not allowed"
-
-    def detail(self) -> str:
-        return f"{self.method} is not allowed on {self.path}"
+    status, slug, title = 405, "method-not-allowed", "Method not allowed"
+    detail = "{method} is not allowed on {path}"
 
 
 @dataclass(eq=False)
 class PayloadTooLarge(DomainError):
-    status = 413
-    slug = "payload-too-large"
-    title = "Payload too large"
-
-    def detail(self) -> str:
-        return "The request body exceeds 1 MiB"
+    status, slug, title = 413, "payload-too-large", "Payload too large"
+    detail = "The request body exceeds 1 MiB"
 
 
 # --- Turning errors into responses. --------------------------------------------------------
@@ -256,7 +199,7 @@ def problem_document(error: DomainError) -> Problem:
         type=PROBLEM_BASE + error.slug,
         title=error.title,
         status=error.status,
-        detail=error.detail(),
+        detail=error.describe(),
         errors=errors,
         checks=checks,
     )

@@ -46,30 +46,26 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return self.migrations_database_url or self.database_url
 
 
-def _parse_int(low: int, high: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
+def _parse_number(kind: Callable[[str], T], low: T, high: T, unit: str) -> Callable[[str], T]:
+    def parse(raw: str) -> T:
         try:
-            value = int(raw)
+            value = kind(raw)
+            in_range = low <= value <= high  # type: ignore[operator]
         except ValueError:
-            value = low - 1
-        if not low <= value <= high:
-            raise ValueError(f"must be a whole number from {low} to {high}, not {raw!r}")
+            in_range = False
+        if not in_range:
+            raise ValueError(f"must be {unit} from {low} to {high}, not {raw!r}")
         return value
 
     return parse
+
+
+def _parse_int(low: int, high: int) -> Callable[[str], int]:
+    return _parse_number(int, low, high, "a whole number")
 
 
 def _parse_float(low: float, high: float) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            value = low - 1
-        if not low <= value <= high:
-            raise ValueError(f"must be a number of seconds from {low} to {high}, not {raw!r}")
-        return value
-
-    return parse
+    return _parse_number(float, low, high, "a number of seconds")
 
 
 def _parse_tokens(raw: str) -> tuple[str, ...]:

@@ -51,7 +51,8 @@ class StudentPage(Page[Student], frozen=True):
 
 
 def to_student(row: asyncpg.Record) -> Student:
-    return Student(id=row["id"], name=row["name"], email=row["email"], created_at=row["created_at"])
+    # The statement's columns are the Struct's fields, by name.
+    return Student(**row)
 
 
 def _refusal(error: asyncpg.UniqueViolationError) -> Exception:
