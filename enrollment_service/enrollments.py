@@ -11,7 +11,7 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar.response import Response
 
-from enrollment_service.courses import CourseId
+from enrollment_service.courses import Course, CourseId
 from enrollment_service.db import Database, Query
 from enrollment_service.health import schema_gate
 from enrollment_service.pagination import Cursor, Cursors, Limit, Page
@@ -23,7 +23,7 @@ from enrollment_service.problems import (
     StudentNotFound,
     documented,
 )
-from enrollment_service.students import StudentId
+from enrollment_service.students import Student, StudentId
 from enrollment_service.validation import Id, StrictBody
 
 ENROLL = Query.load("enrollments/enroll")
@@ -43,26 +43,15 @@ class Enrollment(msgspec.Struct, frozen=True):
     enrolled_at: datetime
 
 
-class EnrolledCourse(msgspec.Struct, frozen=True):
+class EnrolledCourse(Course, frozen=True):
     """A course as one student sees it: the Course fields plus when they enrolled."""
 
-    id: int
-    code: str
-    name: str
-    level: str
-    capacity: int | None
-    enrolled_count: int
-    created_at: datetime
     enrolled_at: datetime
 
 
-class EnrolledStudent(msgspec.Struct, frozen=True):
+class EnrolledStudent(Student, frozen=True):
     """A student on a course's roster: the Student fields plus when they enrolled."""
 
-    id: int
-    name: str
-    email: str
-    created_at: datetime
     enrolled_at: datetime
 
 
