@@ -62,8 +62,7 @@ Level = Annotated[
 Capacity = Annotated[int, Meta(ge=0, le=1_000_000, description="Seats; null means no limit")]
 
 S = TypeVar("S", bound=msgspec.Struct)
-
-JSON_MEDIA_TYPES = ("application/json",)
+T = TypeVar("T")
 
 
 def is_json_media_type(content_type: str) -> bool:
@@ -101,13 +100,7 @@ def decode_strict(raw: bytes, model: type[S]) -> S | list[FieldError]:
     return model(**values)
 
 
-T = TypeVar("T")
-
-
-StructT = TypeVar("StructT", bound=msgspec.Struct)
-
-
-class StrictBody(MsgspecDTO[StructT], Generic[StructT]):
+class StrictBody(MsgspecDTO[S], Generic[S]):
     """Use as `dto=StrictBody[NewStudent]` (with `return_dto=None`) on a handler taking `data`."""
 
     def decode_bytes(self, value: bytes) -> Any:
