@@ -23,6 +23,7 @@ from enrollment_service.pagination import Cursors
 from enrollment_service.problems import handle_exception
 from enrollment_service.settings import Settings
 from enrollment_service.students import StudentController
+from enrollment_service.validation import TYPE_DECODERS
 
 log = logging.getLogger("enrollment_service.app")
 
@@ -92,6 +93,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Service:
         state=state,
         exception_handlers={Exception: handle_exception},
         request_max_body_size=MAX_BODY_BYTES,
+        type_decoders=TYPE_DECODERS,
         openapi_config=OpenAPIConfig(
             title="enrollment-service",
             version="1.0.0",

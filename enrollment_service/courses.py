@@ -22,7 +22,18 @@ from enrollment_service.problems import (
     CourseNotFound,
     documented,
 )
-from enrollment_service.validation import Capacity, Code, Id, Level, Name, StrictBody, given_or_none
+from enrollment_service.validation import (
+    NO_CONTROL_CHARS,
+    Capacity,
+    Code,
+    Id,
+    Level,
+    Name,
+    PathId,
+    StrictBody,
+    given_or_none,
+    path_id,
+)
 
 CREATE = Query.load("courses/create")
 GET = Query.load("courses/get")
@@ -31,7 +42,7 @@ LIST_BY_CODE = Query.load("courses/list_by_code")
 PATCH = Query.load("courses/patch")
 DELETE = Query.load("courses/delete")
 
-CourseId = Annotated[int, Parameter(ge=1, le=2**63 - 1, description="The course's id")]
+CourseId = Annotated[PathId, path_id("The course's id")]
 
 
 class NewCourse(msgspec.Struct, forbid_unknown_fields=True):
@@ -104,7 +115,10 @@ class CourseController(Controller):
         limit: Limit = 50,
         cursor: Cursor = None,
         code: Annotated[
-            str | None, Parameter(max_length=32, description="Exact course code, any case")
+            str | None,
+            Parameter(
+                max_length=32, pattern=NO_CONTROL_CHARS, description="Exact course code, any case"
+            ),
         ] = None,
     ) -> CoursePage:
         listing = "courses" if code is None else f"courses?code={code.strip().lower()}"

@@ -114,7 +114,7 @@ class EnrollmentController(Controller):
         assert row is not None
         if not row["created"]:
             raise AlreadyEnrolled(student_id, data.course_id)
-        enrollment = Enrollment(student_id, data.course_id, row["enrolled_at"])
+        enrollment = Enrollment(int(student_id), data.course_id, row["enrolled_at"])
         location = f"/students/{student_id}/courses/{data.course_id}"
         return Response(enrollment, status_code=201, headers={"Location": location})
 
@@ -146,7 +146,7 @@ class EnrollmentController(Controller):
             raise StudentNotFound(student_id)
         if row["enrolled_at"] is None:
             raise EnrollmentNotFound(student_id, course_id)
-        return Enrollment(student_id, course_id, row["enrolled_at"])
+        return Enrollment(int(student_id), int(course_id), row["enrolled_at"])
 
     @delete(
         "/{course_id:str}",

@@ -42,6 +42,7 @@ class Readiness:
         self.draining = False
         self.schema_current = False
         self._schema_checked_at = 0.0
+        self._pending: list[str] = []
 
     async def _pending_migrations(self) -> list[str]:
         try:
@@ -78,10 +79,10 @@ class Readiness:
         now = time.monotonic()
         if now - self._schema_checked_at >= SCHEMA_RECHECK_SECONDS:
             self._schema_checked_at = now
-            pending = await self._pending_migrations()
-            if not pending:
+            self._pending = await self._pending_migrations()
+            if not self._pending:
                 return
-        raise NotReady({"database": "ok", "migrations": "pending"})
+        raise NotReady({"database": "ok", "migrations": "pending: " + ", ".join(self._pending)})
 
 
 async def schema_gate(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:

@@ -130,8 +130,8 @@ class Metrics:
         )
         self.latency = Histogram(
             "http_request_duration_seconds",
-            "Time to answer, by route template",
-            ["method", "route"],
+            "Time to answer, by route template and status",
+            ["method", "route", "status"],
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
@@ -139,7 +139,7 @@ class Metrics:
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
-        self.latency.labels(method, route).observe(seconds)
+        self.latency.labels(method, route, str(status)).observe(seconds)
 
 
 # --- The wrapper ---------------------------------------------------------------------------

@@ -35,7 +35,7 @@ Limit = Annotated[
 ]
 Cursor = Annotated[
     str | None,
-    Parameter(max_length=200, description="The next_cursor of the previous page"),
+    Parameter(pattern=r"^[A-Za-z0-9_-]{22}$", description="The next_cursor of the previous page"),
 ]
 
 

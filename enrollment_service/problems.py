@@ -144,8 +144,9 @@ class UnsupportedMediaType(DomainError):
     status, slug, title = 415, "unsupported-media-type", "Unsupported media type"
 
     def describe(self) -> str:
-        sent = self.content_type or "no Content-Type"
-        return f"The request body must be application/json, not {sent}"
+        if not self.content_type:
+            return "The request body needs Content-Type: application/json"
+        return f"The request body must be application/json, not {self.content_type}"
 
 
 @dataclass(eq=False)

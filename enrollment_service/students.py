@@ -17,7 +17,16 @@ from enrollment_service.db import Database, Query
 from enrollment_service.health import schema_gate
 from enrollment_service.pagination import Cursor, Cursors, Limit, Page
 from enrollment_service.problems import EmailTaken, StudentNotFound, documented
-from enrollment_service.validation import Email, Id, Name, StrictBody, given_or_none
+from enrollment_service.validation import (
+    NO_CONTROL_CHARS,
+    Email,
+    Id,
+    Name,
+    PathId,
+    StrictBody,
+    given_or_none,
+    path_id,
+)
 
 CREATE = Query.load("students/create")
 GET = Query.load("students/get")
@@ -26,7 +35,7 @@ LIST_BY_EMAIL = Query.load("students/list_by_email")
 PATCH = Query.load("students/patch")
 DELETE = Query.load("students/delete")
 
-StudentId = Annotated[int, Parameter(ge=1, le=2**63 - 1, description="The student's id")]
+StudentId = Annotated[PathId, path_id("The student's id")]
 
 
 class NewStudent(msgspec.Struct, forbid_unknown_fields=True):
@@ -90,7 +99,10 @@ class StudentController(Controller):
         limit: Limit = 50,
         cursor: Cursor = None,
         email: Annotated[
-            str | None, Parameter(max_length=254, description="Exact email, any case")
+            str | None,
+            Parameter(
+                max_length=254, pattern=NO_CONTROL_CHARS, description="Exact email, any case"
+            ),
         ] = None,
     ) -> StudentPage:
         listing = "students" if email is None else f"students?email={email.strip().lower()}"

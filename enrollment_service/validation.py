@@ -7,6 +7,7 @@ before they are checked, unknown fields rejected, and every bad field reported a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -14,13 +15,15 @@ import msgspec
 from litestar._openapi.schema_generation import SchemaCreator
 from litestar.dto import MsgspecDTO
 from litestar.openapi.spec import Reference, Schema
+from litestar.params import Parameter, ParameterKwarg
 from litestar.typing import FieldDefinition
 from msgspec import Meta
 
 from enrollment_service.problems import FieldError, UnsupportedMediaType, ValidationFailed
 
 MAX_ID = 2**63 - 1
-NO_CONTROL_CHARS = r"^[^\x00-\x1f\x7f]*$"
+# Unicode control characters (category Cc): C0, DEL and C1.
+NO_CONTROL_CHARS = r"^[^\x00-\x1f\x7f-\x9f]*$"
 
 Id = Annotated[int, Meta(ge=1, le=MAX_ID, description="A positive 64-bit id")]
 Name = Annotated[
@@ -37,7 +40,7 @@ Email = Annotated[
     Meta(
         min_length=3,
         max_length=254,
-        pattern=r"^[^\s@\x00-\x1f\x7f]+@[^\s@\x00-\x1f\x7f]+$",
+        pattern=r"^[^\s@\x00-\x1f\x7f-\x9f]+@[^\s@\x00-\x1f\x7f-\x9f]+$",
         description="3-254 characters with exactly one @; unique case-insensitively",
     ),
 ]
@@ -76,8 +79,8 @@ def decode_strict(raw: bytes, model: type[S]) -> S | list[FieldError]:
     """Decode `raw` into `model`, or return one FieldError per bad field."""
     try:
         data = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        return [FieldError("body", "is not valid JSON")]
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return [FieldError("body", "is not valid JSON in UTF-8")]
     if not isinstance(data, dict):
         return [FieldError("body", "must be a JSON object")]
     fields = {f.encode_name: f for f in msgspec.structs.fields(model)}
@@ -122,14 +125,42 @@ class StrictBody(MsgspecDTO[S], Generic[S]):
         return schema_creator.for_field_definition(FieldDefinition.from_annotation(cls.model_type))
 
 
+class PathId(int):
+    """An id in a URL path. Its own type so that Litestar hands the raw text to `to_path_id`:
+    msgspec's lax mode would read "1.0" or "1e0" as 1."""
+
+
+_DIGITS = re.compile(r"[0-9]{1,19}")
+PATH_ID_MESSAGE = f"must be an integer from 1 to {MAX_ID}"
+
+
+def to_path_id(_: type, raw: Any) -> PathId:
+    if isinstance(raw, str) and _DIGITS.fullmatch(raw) and 1 <= int(raw) <= MAX_ID:
+        return PathId(raw)
+    raise ValueError(PATH_ID_MESSAGE)
+
+
+#: For Litestar's `type_decoders`.
+TYPE_DECODERS = [(lambda annotation: annotation is PathId, to_path_id)]
+
+
+def path_id(description: str) -> ParameterKwarg:
+    """The OpenAPI description of a path id (Litestar cannot infer one for PathId)."""
+    parameter: ParameterKwarg = Parameter(
+        description=description,
+        schema_extra={"type": "integer", "minimum": 1, "maximum": MAX_ID},
+    )
+    return parameter
+
+
 def path_id_errors(path_params: Mapping[str, Any]) -> list[FieldError]:
     """Every path parameter of this API is an id."""
     errors = []
     for name, raw in path_params.items():
         try:
-            msgspec.convert(int(raw), Id)
-        except (ValueError, msgspec.ValidationError):
-            errors.append(FieldError(name, f"must be an integer from 1 to {MAX_ID}"))
+            to_path_id(PathId, raw)
+        except ValueError:
+            errors.append(FieldError(name, PATH_ID_MESSAGE))
     return errors
 
 

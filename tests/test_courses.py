@@ -63,6 +63,7 @@ async def test_a_code_taken_in_any_case_answers_409_code_taken(client: httpx.Asy
         ({"level": ""}, {"level"}),
         ({"level": "l" * 51}, {"level"}),
         ({"level": "a\nb"}, {"level"}),
+        ({"level": "a\u009fb"}, {"level"}),
         ({"capacity": -1}, {"capacity"}),
         ({"capacity": 1_000_001}, {"capacity"}),
         ({"capacity": "5"}, {"capacity"}),
@@ -175,3 +176,4 @@ async def test_listing_filters_by_code_case_insensitively(client: httpx.AsyncCli
     cs = await create_course(client, code="CS101")
     response = await client.get("/courses", params={"code": "cs101"})
     assert response.json() == {"items": [cs], "next_cursor": None}
+    assert error_fields(await client.get("/courses", params={"code": "CS\u0000"})) == {"code"}

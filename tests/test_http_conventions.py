@@ -80,7 +80,8 @@ async def test_a_body_that_is_not_json_answers_415(
     response = await client.post(
         "/students", content=b'{"name": "a", "email": "a@b.c"}', headers=headers
     )
-    assert_problem(response, 415, "unsupported-media-type")
+    body = assert_problem(response, 415, "unsupported-media-type")
+    assert "application/json" in body["detail"]
 
 
 @pytest.mark.parametrize(
@@ -201,7 +202,8 @@ async def test_data_endpoints_answer_503_not_ready_while_migrations_are_pending(
                 "migrations": "pending: 0002.student-courses",
             }
             assert "migrations" in body["detail"]
-            assert_problem(await client.get("/students"), 503, "not-ready")
+            gated = assert_problem(await client.get("/students"), 503, "not-ready")
+            assert gated["checks"]["migrations"] == "pending: 0002.student-courses"
             assert (await client.get("/health/live")).status_code == 200
 
             await asyncio.to_thread(migrations.apply, url)

@@ -133,5 +133,8 @@ async def test_a_tampered_or_invented_cursor_answers_400(client: httpx.AsyncClie
 
 
 async def test_bad_limit_and_cursor_are_reported_together(client: httpx.AsyncClient) -> None:
-    response = await client.get("/students", params={"limit": "0", "cursor": "x" * 300})
-    assert error_fields(response) == {"limit", "cursor"}
+    for cursor in ["x" * 300, "bogus", "not a cursor"]:
+        response = await client.get("/students", params={"limit": "0", "cursor": cursor})
+        assert error_fields(response) == {"limit", "cursor"}
+    response = await client.get("/students/abc/courses", params={"limit": "0", "cursor": "?"})
+    assert error_fields(response) == {"student_id", "limit", "cursor"}

@@ -71,6 +71,8 @@ async def test_an_email_taken_in_any_case_answers_409_email_taken(
         ({"name": "Ada\u0000", "email": "a@b.c"}, {"name"}),
         ({"name": "Ada\u0007x", "email": "a@b.c"}, {"name"}),
         ({"name": "Ada", "email": "a\u0000@b.c"}, {"email"}),
+        ({"name": "Bad\u0085Name", "email": "c1\u0090@example.org"}, {"name", "email"}),
+        ({"name": "Ada\u007f", "email": "a@b.c"}, {"name"}),
         ({"name": 5, "email": "a@b.c"}, {"name"}),
         ({"name": None, "email": "a@b.c"}, {"name"}),
         ({"name": ["Ada"], "email": True}, {"name", "email"}),
@@ -99,7 +101,7 @@ async def test_name_and_email_at_their_maximum_lengths_are_accepted(
 
 @pytest.mark.parametrize(
     "body",
-    [b"{", b"[]", b'"text"', b"", b"null", b'{"name": "a", "name": 1'],
+    [b"{", b"[]", b'"text"', b"", b"null", b'{"name": "a", "name": 1', b'{"name": "Ad\xffa"}'],
 )
 async def test_a_body_that_is_not_a_json_object_answers_400(
     client: httpx.AsyncClient, body: bytes
@@ -122,7 +124,10 @@ async def test_getting_a_student_answers_200_and_a_missing_one_404(
     assert str(student["id"] + 1000) in body["detail"]
 
 
-@pytest.mark.parametrize("bad_id", ["0", "-1", "abc", "1.5", str(MAX_ID + 1), "9" * 30])
+@pytest.mark.parametrize(
+    "bad_id",
+    ["0", "-1", "abc", "1.5", "1.0", "1e0", "10e-1", "+1", "0x1", str(MAX_ID + 1), "9" * 30],
+)
 async def test_a_bad_id_in_the_path_answers_400_or_404_never_500(
     client: httpx.AsyncClient, bad_id: str
 ) -> None:
@@ -198,3 +203,4 @@ async def test_listing_filters_by_email_case_insensitively(client: httpx.AsyncCl
     assert response.json() == {"items": [two], "next_cursor": None}
     none = await client.get("/students", params={"email": "nobody@example.org"})
     assert none.json() == {"items": [], "next_cursor": None}
+    assert error_fields(await client.get("/students", params={"email": "a\u0000b"})) == {"email"}
