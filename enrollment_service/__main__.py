@@ -21,8 +21,9 @@ log = logging.getLogger("enrollment_service")
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn, plus: readiness turns 503 the moment SIGTERM arrives, and a graceful stop exits
-    0 (uvicorn re-raises the signal after stopping, which would make the exit status 143)."""
+    """uvicorn, plus: the moment SIGTERM arrives readiness turns 503 and the requests' database
+    work gets the grace period as its deadline; a graceful stop exits 0 (uvicorn re-raises the
+    signal after stopping, which would make the exit status 143)."""
 
     def __init__(self, config: uvicorn.Config, service: Service, grace_seconds: float) -> None:
         super().__init__(config)

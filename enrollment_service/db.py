@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -136,8 +137,10 @@ class Database:
             result = await work(conn)
         except BROKEN_CONNECTION_ERRORS:
             # Closed here, the pool replaces it; returned as it is, the pool would try to reset
-            # it, fail once more, and that error would hide this one.
-            conn.terminate()
+            # it, fail once more, and that error would hide this one. (If the connection saw
+            # its own end first, the pool has it back already and says so: nothing to do.)
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.terminate()
             raise
         finally:
             try:
@@ -155,6 +158,12 @@ class Database:
             self.pool.terminate()
 
 
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """The pool's reset on release. asyncpg's default (unlock advisory locks, close cursors,
+    unlisten, reset settings) costs a round trip per request and undoes nothing this service
+    does; asyncpg still rolls back any transaction left open."""
+
+
 async def open_database(settings: Settings, database_url: str) -> Database:
     """Open the pool. When PostgreSQL is down at start-up the service still comes up (live but
     not ready) with an empty pool, and fills it once the database returns."""
@@ -168,6 +177,7 @@ async def open_database(settings: Settings, database_url: str) -> Database:
             command_timeout=settings.command_timeout,
             statement_cache_size=settings.statement_cache_size,
             server_settings={"application_name": "enrollment-service"},
+            reset=_keep_session,
         )
 
     try:
