@@ -43,6 +43,7 @@ class Readiness:
         self.schema_current = False
         self._schema_checked_at = 0.0
         self._pending: list[str] = []
+        self._schema_lock = asyncio.Lock()
 
     async def _pending_migrations(self) -> list[str]:
         try:
@@ -76,12 +77,17 @@ class Readiness:
         """Raise NotReady while migrations are pending, re-checking at most once a second."""
         if self.schema_current:
             return
-        now = time.monotonic()
-        if now - self._schema_checked_at >= SCHEMA_RECHECK_SECONDS:
-            self._schema_checked_at = now
-            self._pending = await self._pending_migrations()
-            if not self._pending:
+        # Requests that arrive while a check runs wait for its answer rather than being
+        # turned away before anyone knows.
+        async with self._schema_lock:
+            if self.schema_current:
                 return
+            now = time.monotonic()
+            if now - self._schema_checked_at >= SCHEMA_RECHECK_SECONDS:
+                self._schema_checked_at = now
+                self._pending = await self._pending_migrations()
+                if not self._pending:
+                    return
         raise NotReady({"database": "ok", "migrations": "pending: " + ", ".join(self._pending)})
 
 
