@@ -25,6 +25,7 @@ from asgi_lifespan import LifespanManager
 from enrollment_service import migrations
 from enrollment_service.app import Service, create_app
 from enrollment_service.settings import Settings, load_settings
+from tests.ops_support import ServiceProcess
 
 log = logging.getLogger("tests")
 
@@ -76,6 +77,15 @@ def _with_database(url: str, name: str) -> str:
     base, _, query = url.partition("?")
     prefix = base.rsplit("/", 1)[0]
     return f"{prefix}/{name}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture
+def services() -> Iterator[list[ServiceProcess]]:
+    """Every `serve` process a test starts, stopped afterwards whatever happened."""
+    started: list[ServiceProcess] = []
+    yield started
+    for service in started:
+        service.stop()
 
 
 @pytest.fixture(scope="session")

@@ -284,13 +284,12 @@ class ServiceProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
         self.log_path = workdir / f"serve-{self.port}.log"
+        defaults = {"LOG_FORMAT": "json", "LOG_LEVEL": "INFO"}
         self.env = service_environment(
             DATABASE_URL=database_url,
             HOST="127.0.0.1",
             PORT=str(self.port),
-            LOG_FORMAT="json",
-            LOG_LEVEL="INFO",
-            **settings,
+            **{**defaults, **settings},
         )
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,7 @@ from pathlib import Path
 import httpx
 
 from enrollment_service.embedded import EmbeddedPostgres
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.ops_support import free_port
 
 
 def _start_dev(data_dir: Path, port: int) -> subprocess.Popen[str]:
@@ -60,7 +53,7 @@ def _interrupt(process: subprocess.Popen[str]) -> str:
 
 def test_dev_serves_on_embedded_postgres_keeps_data_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     data_dir = tmp_path / "pg"
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
 
     process = _start_dev(data_dir, port)

@@ -38,14 +38,6 @@ def outage_postgres() -> Iterator[EmbeddedPostgres]:
         yield server
 
 
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[list[ServiceProcess]]:
-    started: list[ServiceProcess] = []
-    yield started
-    for service in started:
-        service.stop()
-
-
 @pytest.mark.timeout(120)
 async def test_postgres_stopping_under_load_answers_503_then_recovers_by_itself(
     outage_postgres: EmbeddedPostgres, services: list[ServiceProcess], tmp_path: Path

@@ -4,16 +4,14 @@ document: no 5xx ever, and every response conforms to what the document declares
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+
+from tests.ops_support import ServiceProcess
 
 CHECKS = ",".join(
     [
@@ -26,47 +24,15 @@ CHECKS = ",".join(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
-def server(database_url: str) -> Iterator[str]:
+def server(database_url: str, tmp_path: Path) -> Iterator[str]:
     """`enrollment-service serve` as production runs it, on the session's migrated database."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "LOG_LEVEL": "WARNING",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "enrollment_service", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        process.kill()
-        pytest.fail(f"server did not become ready: {process.communicate()[1]}")
+    service = ServiceProcess(database_url, tmp_path, LOG_LEVEL="WARNING").start()
     try:
-        yield base
+        service.wait_until_ready()
+        yield service.base_url
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        service.stop()
 
 
 async def test_schemathesis_finds_no_server_error_and_no_nonconforming_response(

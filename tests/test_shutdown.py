@@ -8,7 +8,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,15 +52,6 @@ async def database(database_factory: DatabaseFactory) -> str:
     url = await database_factory.create("shutdown")
     await asyncio.to_thread(migrations.apply, url)
     return url
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[list[ServiceProcess]]:
-    """Every serve process a test starts, stopped afterwards whatever happened."""
-    started: list[ServiceProcess] = []
-    yield started
-    for service in started:
-        service.stop()
 
 
 async def _course_and_students(url: str, students: int) -> tuple[int, list[int]]:
