@@ -96,8 +96,10 @@ def dev(settings: Settings) -> int:
 
 
 def _dev_postgres_port(settings: Settings) -> int:
-    # A fixed port beside the API's, so a restart finds the same server address.
-    return 54000 + settings.port % 1000
+    # A fixed port derived from the API's, so a restart finds the same server address; never
+    # the API's own port (PORT=54321 would otherwise give PostgreSQL 54321 as well).
+    port = 54000 + settings.port % 1000
+    return port if port != settings.port else port + 1000
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,3 +74,13 @@ def test_dev_serves_on_embedded_postgres_keeps_data_and_stops_on_ctrl_c(tmp_path
         assert again.json() == created.json()
     finally:
         _interrupt(process)
+
+
+def test_the_embedded_postgres_port_is_never_the_api_port() -> None:
+    from enrollment_service.__main__ import _dev_postgres_port
+    from enrollment_service.settings import load_settings
+
+    for api_port in (8000, 54321, 54000, 54999, 65535):
+        settings = load_settings(environ={"PORT": str(api_port)})
+        assert _dev_postgres_port(settings) != api_port
+        assert _dev_postgres_port(settings) == _dev_postgres_port(settings)
