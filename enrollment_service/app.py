@@ -19,7 +19,7 @@ from enrollment_service.db import Database, open_database
 from enrollment_service.enrollments import EnrollmentController, RosterController
 from enrollment_service.health import HealthController, Readiness
 from enrollment_service.observability import Metrics, RequestObserver
-from enrollment_service.pagination import Cursors
+from enrollment_service.pagination import Cursors, Pages
 from enrollment_service.problems import handle_exception
 from enrollment_service.settings import Settings
 from enrollment_service.students import StudentController
@@ -46,16 +46,6 @@ class Service(RequestObserver):
         log.info("draining: readiness now answers 503")
 
 
-def _provide_db(state: State) -> Database:
-    db: Database = state.db
-    return db
-
-
-def _provide_cursors(state: State) -> Cursors:
-    cursors: Cursors = state.cursors
-    return cursors
-
-
 @get("/metrics", include_in_schema=False, sync_to_thread=False)
 def metrics_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
     metrics: Metrics = request.app.state.metrics
@@ -71,6 +61,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Service:
     async def database(app: Litestar) -> AsyncIterator[None]:
         db = await open_database(settings, url)
         app.state.db = db
+        app.state.pages = Pages(db, Cursors(settings.cursor_secret))
         app.state.readiness = Readiness(db, settings.health_timeout)
         log.info("pool open (min %d, max %d)", settings.pool_min_size, settings.pool_max_size)
         try:
@@ -79,15 +70,32 @@ def create_app(settings: Settings, database_url: str | None = None) -> Service:
             await db.close(grace_seconds=settings.shutdown_grace_period or 5.0)
             log.info("pool closed")
 
-    state = State({"settings": settings, "cursors": Cursors(settings.cursor_secret)})
+    state = State({"settings": settings})
     metrics = Metrics(state)
     state.metrics = metrics
+
+    # The providers read the app's state directly (a provider that takes `state` as a parameter
+    # has it parsed out of the request on every call). Every data endpoint depends on one of
+    # them, so they are also where a data request waits for, or is refused by, pending
+    # migrations: 503 not-ready. (A route guard would cost a copy of the handler per request.)
+    async def provide_db() -> Database:
+        readiness: Readiness = state.readiness
+        if not readiness.schema_current:
+            await readiness.ensure_schema_current()
+        db: Database = state.db
+        return db
+
+    async def provide_pages() -> Pages:
+        await provide_db()
+        pages: Pages = state.pages
+        return pages
+
     data_controllers = [StudentController, CourseController, EnrollmentController, RosterController]
     litestar = Litestar(
         route_handlers=[*data_controllers, HealthController, metrics_endpoint],
         dependencies={
-            "db": Provide(_provide_db, sync_to_thread=False),
-            "cursors": Provide(_provide_cursors, sync_to_thread=False),
+            "db": Provide(provide_db),
+            "pages": Provide(provide_pages),
         },
         lifespan=[database],
         state=state,

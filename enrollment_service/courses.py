@@ -14,8 +14,7 @@ from litestar.response import Response
 from msgspec import UNSET, UnsetType
 
 from enrollment_service.db import Database, Query
-from enrollment_service.health import schema_gate
-from enrollment_service.pagination import Cursor, Cursors, Limit, Page
+from enrollment_service.pagination import Cursor, Limit, Page, Pages
 from enrollment_service.problems import (
     CapacityBelowEnrolled,
     CodeTaken,
@@ -34,13 +33,6 @@ from enrollment_service.validation import (
     given_or_none,
     path_id,
 )
-
-CREATE = Query.load("courses/create")
-GET = Query.load("courses/get")
-LIST = Query.load("courses/list")
-LIST_BY_CODE = Query.load("courses/list_by_code")
-PATCH = Query.load("courses/patch")
-DELETE = Query.load("courses/delete")
 
 CourseId = Annotated[PathId, path_id("The course's id")]
 
@@ -73,9 +65,16 @@ class CoursePage(Page[Course], frozen=True):
     pass
 
 
+CREATE = Query.load("courses/create", shape=Course)
+GET = Query.load("courses/get", shape=Course)
+LIST = Query.load("courses/list", shape=Course)
+LIST_BY_CODE = Query.load("courses/list_by_code", shape=Course)
+PATCH = Query.load("courses/patch", shape=Course)
+DELETE = Query.load("courses/delete")
+
+
 def to_course(row: asyncpg.Record) -> Course:
-    # The statement's columns are the Struct's fields, by name.
-    return Course(**row)
+    return Course(*row)  # the columns are the fields, in order (see Query.shape)
 
 
 def _code_taken(error: asyncpg.UniqueViolationError, code: str | UnsetType) -> Exception:
@@ -87,7 +86,6 @@ def _code_taken(error: asyncpg.UniqueViolationError, code: str | UnsetType) -> E
 class CourseController(Controller):
     path = "/courses"
     tags = ["courses"]
-    guards = [schema_gate]
 
     @post(
         dto=StrictBody[NewCourse],
@@ -110,8 +108,7 @@ class CourseController(Controller):
     @get(summary="List courses by id", responses=documented(400))
     async def list_courses(
         self,
-        db: NamedDependency[Database],
-        cursors: NamedDependency[Cursors],
+        pages: NamedDependency[Pages],
         limit: Limit = 50,
         cursor: Cursor = None,
         code: Annotated[
@@ -122,12 +119,11 @@ class CourseController(Controller):
         ] = None,
     ) -> CoursePage:
         listing = "courses" if code is None else f"courses?code={code.strip().lower()}"
-        after = cursors.decode(cursor, listing)
         if code is None:
-            rows = await db.fetch(LIST, after, limit + 1)
+            rows = await pages.fetch(LIST, listing, cursor, limit)
         else:
-            rows = await db.fetch(LIST_BY_CODE, after, limit + 1, code.strip())
-        return cursors.page(CoursePage, rows, limit, to_course, listing)
+            rows = await pages.fetch(LIST_BY_CODE, listing, cursor, limit, code.strip())
+        return pages.page(CoursePage, rows, limit, to_course, listing)
 
     @get("/{course_id:str}", summary="Get a course", responses=documented(400, 404))
     async def get_course(self, db: NamedDependency[Database], course_id: CourseId) -> Course:

@@ -13,8 +13,7 @@ from litestar.response import Response
 
 from enrollment_service.courses import Course, CourseId
 from enrollment_service.db import Database, Query
-from enrollment_service.health import schema_gate
-from enrollment_service.pagination import Cursor, Cursors, Limit, Page
+from enrollment_service.pagination import Cursor, Limit, Page, Pages
 from enrollment_service.problems import (
     AlreadyEnrolled,
     CourseFull,
@@ -29,8 +28,6 @@ from enrollment_service.validation import Id, StrictBody
 ENROLL = Query.load("enrollments/enroll")
 GET = Query.load("enrollments/get")
 DROP = Query.load("enrollments/drop")
-LIST_FOR_STUDENT = Query.load("enrollments/list_for_student")
-ROSTER = Query.load("enrollments/roster")
 
 
 class NewEnrollment(msgspec.Struct, forbid_unknown_fields=True):
@@ -63,14 +60,16 @@ class RosterPage(Page[EnrolledStudent], frozen=True):
     pass
 
 
+LIST_FOR_STUDENT = Query.load("enrollments/list_for_student", shape=EnrolledCourse)
+ROSTER = Query.load("enrollments/roster", shape=EnrolledStudent)
+
+
 def to_enrolled_course(row: asyncpg.Record) -> EnrolledCourse:
-    # The statement's columns are the Struct's fields, by name.
-    return EnrolledCourse(**row)
+    return EnrolledCourse(*row)  # the columns are the fields, in order (see Query.shape)
 
 
 def to_enrolled_student(row: asyncpg.Record) -> EnrolledStudent:
-    # The statement's columns are the Struct's fields, by name.
-    return EnrolledStudent(**row)
+    return EnrolledStudent(*row)  # the columns are the fields, in order (see Query.shape)
 
 
 def _refusal(
@@ -95,7 +94,6 @@ def _without_empty_row(rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
 class EnrollmentController(Controller):
     path = "/students/{student_id:str}/courses"
     tags = ["enrollments"]
-    guards = [schema_gate]
 
     @post(
         dto=StrictBody[NewEnrollment],
@@ -121,19 +119,16 @@ class EnrollmentController(Controller):
     @get(summary="List a student's courses by course id", responses=documented(400, 404))
     async def list_courses_of_student(
         self,
-        db: NamedDependency[Database],
-        cursors: NamedDependency[Cursors],
+        pages: NamedDependency[Pages],
         student_id: StudentId,
         limit: Limit = 50,
         cursor: Cursor = None,
     ) -> EnrolledCoursePage:
         listing = f"students/{student_id}/courses"
-        rows = await db.fetch(
-            LIST_FOR_STUDENT, student_id, cursors.decode(cursor, listing), limit + 1
-        )
+        rows = await pages.fetch(LIST_FOR_STUDENT, listing, cursor, limit, student_id)
         if not rows:
             raise StudentNotFound(student_id)
-        return cursors.page(
+        return pages.page(
             EnrolledCoursePage, _without_empty_row(rows), limit, to_enrolled_course, listing
         )
 
@@ -167,21 +162,17 @@ class EnrollmentController(Controller):
 class RosterController(Controller):
     path = "/courses/{course_id:str}/students"
     tags = ["enrollments"]
-    guards = [schema_gate]
 
     @get(summary="List a course's students by student id", responses=documented(400, 404))
     async def roster(
         self,
-        db: NamedDependency[Database],
-        cursors: NamedDependency[Cursors],
+        pages: NamedDependency[Pages],
         course_id: CourseId,
         limit: Limit = 50,
         cursor: Cursor = None,
     ) -> RosterPage:
         listing = f"courses/{course_id}/students"
-        rows = await db.fetch(ROSTER, course_id, cursors.decode(cursor, listing), limit + 1)
+        rows = await pages.fetch(ROSTER, listing, cursor, limit, course_id)
         if not rows:
             raise CourseNotFound(course_id)
-        return cursors.page(
-            RosterPage, _without_empty_row(rows), limit, to_enrolled_student, listing
-        )
+        return pages.page(RosterPage, _without_empty_row(rows), limit, to_enrolled_student, listing)

@@ -1,4 +1,4 @@
-"""Liveness, readiness, and the gate that keeps data endpoints shut while migrations are pending."""
+"""Liveness, readiness, and the check that shuts data endpoints while migrations are pending."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from typing import Any
 import asyncpg
 import msgspec
 from litestar import Controller, Request, get
-from litestar.connection import ASGIConnection
-from litestar.handlers import BaseRouteHandler
 
 from enrollment_service.db import Database, DatabaseUnavailable, Query
 from enrollment_service.migrations import migration_ids
@@ -89,12 +87,6 @@ class Readiness:
                 if not self._pending:
                     return
         raise NotReady({"database": "ok", "migrations": "pending: " + ", ".join(self._pending)})
-
-
-async def schema_gate(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """A guard on every data endpoint: 503 not-ready until every migration is applied."""
-    readiness: Readiness = connection.app.state.readiness
-    await readiness.ensure_schema_current()
 
 
 class HealthController(Controller):

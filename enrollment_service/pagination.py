@@ -20,6 +20,7 @@ import msgspec
 from asyncpg import Record
 from litestar.params import Parameter
 
+from enrollment_service.db import Database, Query
 from enrollment_service.problems import FieldError, ValidationFailed
 from enrollment_service.validation import MAX_ID
 
@@ -58,7 +59,7 @@ class Cursors:
 
     def _tag(self, payload: bytes, listing: str) -> bytes:
         message = payload + listing.encode()
-        return hmac.new(self._key, message, hashlib.sha256).digest()[:_TAG_BYTES]
+        return hmac.digest(self._key, message, "sha256")[:_TAG_BYTES]
 
     def encode(self, last_id: int, listing: str) -> str:
         payload = last_id.to_bytes(8, "big")
@@ -84,6 +85,23 @@ class Cursors:
             raise ValidationFailed([FieldError("cursor", "is out of range")])
         return last_id
 
+
+class Pages:
+    """What a list handler needs, as its one dependency: the database and the cursors. (Given two
+    dependencies, Litestar resolves them in a task group of their own on every request, which
+    cost a fifth of a list request's CPU.)"""
+
+    def __init__(self, db: Database, cursors: Cursors) -> None:
+        self.db = db
+        self.cursors = cursors
+
+    async def fetch(
+        self, query: Query, listing: str, cursor: str | None, limit: int, *args: Any
+    ) -> list[Record]:
+        """The rows for one page of `listing`: `query` run with `*args`, then the id the page
+        starts after, then how many rows to fetch (one more than the page holds)."""
+        return await self.db.fetch(query, *args, self.cursors.decode(cursor, listing), limit + 1)
+
     def page(
         self,
         page_type: type[P],
@@ -95,5 +113,5 @@ class Cursors:
         """Build a page from up to `limit + 1` rows ordered by their `id` column: the extra row
         only says that a next page exists."""
         kept = rows[:limit]
-        next_cursor = self.encode(kept[-1]["id"], listing) if len(rows) > limit else None
+        next_cursor = self.cursors.encode(kept[-1]["id"], listing) if len(rows) > limit else None
         return page_type(items=[to_item(row) for row in kept], next_cursor=next_cursor)

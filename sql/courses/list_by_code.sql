@@ -1,8 +1,8 @@
--- list_by_code: $1 after_id, $2 rows to fetch, $3 code (matched case-insensitively)
+-- list_by_code: $1 code (matched case-insensitively), $2 after_id, $3 rows to fetch
 -- returns at most one course (codes are unique); uses courses_code_key
 select id, code, name, level, capacity, enrolled_count, created_at
   from courses
- where lower(code) = lower($3)
-   and id > $1
+ where lower(code) = lower($1)
+   and id > $2
  order by id
- limit $2
+ limit $3
