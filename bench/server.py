@@ -43,9 +43,7 @@ def _free_port() -> int:
 
 def _command(variant: Variant, port: int) -> list[str]:
     if variant.server == "serve":
-        if variant.workers != 1:
-            raise ValueError("`enrollment-service serve` runs one process")
-        return [str(BIN / "enrollment-service"), "serve"]
+        return [str(BIN / "enrollment-service"), "serve"]  # WORKERS is set in the environment
     if variant.server == "uvicorn":
         return [
             sys.executable,
@@ -92,6 +90,8 @@ class Service:
             env["DB_POOL_MIN_SIZE"] = str(variant.pool_min)
         if variant.pool_max is not None:
             env["DB_POOL_MAX_SIZE"] = str(variant.pool_max)
+        if variant.server == "serve":
+            env["WORKERS"] = str(variant.workers)
         self.process = subprocess.Popen(
             _command(variant, self.port),
             env=env,
@@ -140,18 +140,21 @@ class Service:
 
     def peak_rss_mb(self) -> list[float]:
         """Peak resident memory (VmHWM) of each process that serves requests: the one process of
-        `serve`, or each worker of a multi-worker server."""
+        a one-process server, or each worker of a multi-worker one."""
         peaks: dict[int, float] = {}
         for pid in self._tree():
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
+            if b"resource_tracker" in command:
+                continue  # multiprocessing's helper, not a worker
             for line in status.splitlines():
                 if line.startswith("VmHWM:"):
                     peaks[pid] = round(int(line.split()[1]) / 1024, 1)
         workers = [mb for pid, mb in peaks.items() if pid != self.process.pid]
-        if self.variant.server == "serve" or not workers:
+        if self.variant.workers == 1 or not workers:
             return [peaks.get(self.process.pid, 0.0)]
         return workers
 

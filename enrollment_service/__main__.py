@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
 import sys
 from types import FrameType
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
 
 from enrollment_service import migrations
 from enrollment_service.app import Service, create_app
-from enrollment_service.db import Database
 from enrollment_service.observability import configure_logging
 from enrollment_service.settings import Settings, SettingsError, load_settings
 
@@ -21,30 +23,49 @@ log = logging.getLogger("enrollment_service")
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn, plus: the moment SIGTERM arrives readiness turns 503 and the requests' database
-    work gets the grace period as its deadline; a graceful stop exits 0 (uvicorn re-raises the
-    signal after stopping, which would make the exit status 143)."""
-
-    def __init__(self, config: uvicorn.Config, service: Service, grace_seconds: float) -> None:
-        super().__init__(config)
-        self.service = service
-        self.grace_seconds = grace_seconds
+    """uvicorn, exiting 0 after a graceful stop: it re-raises the signal once stopped, which
+    would make the exit status 143."""
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self.should_exit:
-            log.info("received %s: finishing in-flight requests", signal.Signals(sig).name)
-            self.service.start_draining()
-            db: Database | None = getattr(self.service.litestar.state, "db", None)
-            if db is not None:
-                db.drain(self.grace_seconds)
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
 
 
-def serve(settings: Settings, database_url: str) -> int:
+def serving_app(settings: Settings, database_url: str | None = None) -> Service:
+    """The app as `serve` runs it: on SIGTERM or SIGINT it begins a graceful shutdown before
+    uvicorn stops taking requests. The handler is chained onto uvicorn's own, which uvicorn
+    installs before the app starts up (and restores when it stops)."""
     service = create_app(settings, database_url)
-    config = uvicorn.Config(
-        service,
+
+    def drain_on_signals() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            chained = signal.getsignal(sig)
+
+            def handler(signum: int, frame: FrameType | None, chained: object = chained) -> None:
+                log.info("received %s", signal.Signals(signum).name)
+                service.begin_shutdown(settings.shutdown_grace_period)
+                if callable(chained):
+                    chained(signum, frame)
+
+            signal.signal(sig, handler)
+
+    service.litestar.on_startup.append(drain_on_signals)
+    return service
+
+
+def worker_app() -> Service:
+    """What each of WORKERS processes serves; uvicorn imports it by name in every worker, which
+    reads the same environment as the parent."""
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return serving_app(settings)
+
+
+def _uvicorn_config(settings: Settings, app: Service | str) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        factory=isinstance(app, str),
+        workers=settings.workers,
         host=settings.host,
         port=settings.port,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
@@ -59,9 +80,30 @@ def serve(settings: Settings, database_url: str) -> int:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_period) + 1,
         timeout_keep_alive=5,
     )
-    server = GracefulServer(config, service, settings.shutdown_grace_period)
+
+
+def serve(settings: Settings, database_url: str) -> int:
+    if settings.workers > 1:
+        return _serve_workers(settings, database_url)
+    server = GracefulServer(_uvicorn_config(settings, serving_app(settings, database_url)))
     server.run()
     return 0 if server.started else 1
+
+
+def _serve_workers(settings: Settings, database_url: str) -> int:
+    """WORKERS processes on one listening socket, under uvicorn's supervisor, which restarts a
+    worker that dies and passes SIGTERM/SIGINT on to every worker (each drains as above)."""
+    # The workers are fresh interpreters that read the environment: give them what this
+    # process resolved (`dev` picks the database and the log format itself).
+    os.environ["DATABASE_URL"] = database_url
+    os.environ["LOG_FORMAT"] = settings.log_format
+    config = _uvicorn_config(settings, "enrollment_service.__main__:worker_app")
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    log.info("serving with %d worker processes", settings.workers)
+    supervisor.run()
+    if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
+        return 1
+    return 0
 
 
 def migrate(settings: Settings) -> int:

@@ -38,12 +38,16 @@ class Service(RequestObserver):
         self.litestar = litestar
         self.settings = settings
 
-    def start_draining(self) -> None:
-        """Called on SIGTERM: /health/ready answers 503 from now on."""
+    def begin_shutdown(self, grace_seconds: float) -> None:
+        """Called when SIGTERM (or SIGINT) arrives: /health/ready answers 503 from now on, and
+        every statement, running or yet to come, gets `grace_seconds` to finish (then 503)."""
         readiness: Readiness | None = getattr(self.litestar.state, "readiness", None)
-        if readiness is not None:
-            readiness.draining = True
-        log.info("draining: readiness now answers 503")
+        if readiness is None or readiness.draining:
+            return
+        readiness.draining = True
+        db: Database = self.litestar.state.db
+        db.drain(grace_seconds)
+        log.info("draining: readiness now answers 503; finishing in-flight requests")
 
 
 @get("/metrics", include_in_schema=False, sync_to_thread=False)

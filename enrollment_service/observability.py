@@ -223,21 +223,24 @@ class RequestObserver:
             seconds = time.perf_counter() - started
             route = scope.get("path_template") or UNMATCHED_ROUTE
             method = scope["method"]
-            if not route.startswith(("/health", "/metrics")):
+            health_probe = route.startswith("/health")
+            if not health_probe and route != "/metrics":
                 self.metrics.observe(method, route, status, seconds)
-            access_log.info(
-                "%s %s %d %.1fms",
-                method,
-                route,
-                status,
-                seconds * 1000,
-                extra={
-                    "method": method,
-                    "route": route,
-                    "status": status,
-                    "duration_ms": round(seconds * 1000, 2),
-                },
-            )
+            # A load balancer's successful health probes would drown the log; failed ones stay.
+            if not health_probe or status >= 400:
+                access_log.info(
+                    "%s %s %d %.1fms",
+                    method,
+                    route,
+                    status,
+                    seconds * 1000,
+                    extra={
+                        "method": method,
+                        "route": route,
+                        "status": status,
+                        "duration_ms": round(seconds * 1000, 2),
+                    },
+                )
             REQUEST_ID.reset(token)
 
 

@@ -26,6 +26,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """A direct connection for migrations; defaults to `database_url`."""
     host: str = "0.0.0.0"
     port: int = 8000
+    workers: int = 1
+    """Server processes, each with its own pool of up to `pool_max_size` connections."""
     api_tokens: tuple[str, ...] = ()
     pool_min_size: int = 2
     pool_max_size: int = 10
@@ -104,6 +106,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "MIGRATIONS_DATABASE_URL": ("migrations_database_url", _parse_url),
     "HOST": ("host", _parse_nonempty),
     "PORT": ("port", _parse_int(0, 65535)),
+    "WORKERS": ("workers", _parse_int(1, 64)),
     "API_TOKENS": ("api_tokens", _parse_tokens),
     "DB_POOL_MIN_SIZE": ("pool_min_size", _parse_int(0, 1000)),
     "DB_POOL_MAX_SIZE": ("pool_max_size", _parse_int(1, 1000)),

@@ -45,6 +45,7 @@ SERVICE_VARIABLES = frozenset(
         "MIGRATIONS_DATABASE_URL",
         "HOST",
         "PORT",
+        "WORKERS",
         "API_TOKENS",
         "DB_POOL_MIN_SIZE",
         "DB_POOL_MAX_SIZE",
@@ -348,6 +349,19 @@ class ServiceProcess:
             for record in self.records()
             if record.get("logger") == "enrollment_service.access"
         }
+
+    def workers(self) -> list[int]:
+        """The pids of the worker processes `serve` started when WORKERS > 1 (its children
+        started by multiprocessing's spawn, not multiprocessing's resource tracker)."""
+        workers = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if parent == self.pid and b"spawn_main" in (entry / "cmdline").read_bytes():
+                    workers.append(int(entry.name))
+        return workers
 
     def wait(self, timeout: float) -> int:
         assert self.process is not None

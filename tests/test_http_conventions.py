@@ -49,6 +49,19 @@ async def test_the_request_id_is_on_the_access_log_line(
     assert record.__dict__["request_id"] == "trace-me-42"
 
 
+async def test_successful_health_probes_are_not_access_logged_but_failures_are(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="enrollment_service.access"):
+        await client.get("/health/live", headers={"X-Request-ID": "probe-ok"})
+        await client.get("/health/ready", headers={"X-Request-ID": "ready-ok"})
+        await client.get("/health/nope", headers={"X-Request-ID": "probe-404"})
+        await client.get("/students", headers={"X-Request-ID": "data"})
+    logged = {r.__dict__["request_id"] for r in caplog.records if r.name.endswith(".access")}
+    assert {"probe-404", "data"} <= logged
+    assert not {"probe-ok", "ready-ok"} & logged
+
+
 async def test_an_unknown_route_answers_404_not_found(client: httpx.AsyncClient) -> None:
     assert_problem(await client.get("/teachers"), 404, "not-found")
     assert_problem(await client.get("/students/1/grades"), 404, "not-found")
@@ -224,6 +237,6 @@ async def test_readiness_before_any_migration_names_them_all(
             assert body["checks"]["migrations"] == (
                 "pending: 0001.students-and-courses, 0002.student-courses"
             )
-            service.start_draining()
+            service.begin_shutdown(grace_seconds=5)
             draining = assert_problem(await client.get("/health/ready"), 503, "not-ready")
             assert draining["checks"]["shutdown"] == "draining"

@@ -26,6 +26,7 @@ def test_every_variable_is_read_and_typed() -> None:
             "MIGRATIONS_DATABASE_URL": "postgresql://u@direct/app",
             "HOST": "127.0.0.1",
             "PORT": "9000",
+            "WORKERS": "4",
             "API_TOKENS": " one, two ,,",
             "DB_POOL_MIN_SIZE": "1",
             "DB_POOL_MAX_SIZE": "30",
@@ -38,6 +39,7 @@ def test_every_variable_is_read_and_typed() -> None:
         }
     )
     assert settings.port == 9000
+    assert settings.workers == 4
     assert settings.api_tokens == ("one", "two")
     assert settings.pool_max_size == 30
     assert settings.pool_acquire_timeout == 0.5
@@ -55,6 +57,7 @@ def test_every_variable_is_read_and_typed() -> None:
     [
         ("PORT", "eighty"),
         ("PORT", "70000"),
+        ("WORKERS", "0"),
         ("DB_POOL_MAX_SIZE", "0"),
         ("DB_POOL_ACQUIRE_TIMEOUT", "-1"),
         ("LOG_LEVEL", "LOUD"),

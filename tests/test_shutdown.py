@@ -21,6 +21,7 @@ from tests.ops_support import (
     RowLock,
     ServiceProcess,
     log_time,
+    service_backends,
     wait_for_backends,
 )
 
@@ -282,3 +283,66 @@ async def test_a_request_outlasting_the_grace_period_does_not_hold_up_the_exit(
     assert 1 <= int(outcome.response.headers["retry-after"]) <= 30
     await wait_for_backends(database, 0)
     print(f"grace bound: cut off with 503 and exit 0 {exit_seconds:.2f}s after SIGTERM (grace 1s)")
+
+
+@pytest.mark.timeout(90)
+async def test_with_two_workers_both_serve_and_sigterm_drains_both_then_exits_0(
+    database: str, services: list[ServiceProcess], tmp_path: Path
+) -> None:
+    pool_size, in_flight = 4, 16
+    course_id, student_ids = await _course_and_students(database, in_flight)
+    service = ServiceProcess(
+        database,
+        tmp_path,
+        WORKERS="2",
+        DB_POOL_MIN_SIZE="1",
+        DB_POOL_MAX_SIZE=str(pool_size),
+        DB_POOL_ACQUIRE_TIMEOUT="30",
+        SHUTDOWN_GRACE_PERIOD="15",
+    ).start()
+    services.append(service)
+    await asyncio.to_thread(service.wait_until_ready)
+    assert len(service.workers()) == 2, service.log_text()
+
+    lock = await RowLock(database, course_id).acquire()
+    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
+    try:
+        async with httpx.AsyncClient(
+            base_url=service.base_url, timeout=60, limits=limits
+        ) as client:
+            enrollments = [
+                asyncio.create_task(
+                    _request(
+                        client,
+                        "POST",
+                        f"/students/{student_id}/courses",
+                        f"enroll-{student_id}",
+                        json={"course_id": course_id},
+                    )
+                )
+                for student_id in student_ids
+            ]
+            # At least one worker's whole pool blocked inside PostgreSQL, the rest queued.
+            # (Which worker accepts which connection is the kernel's choice.)
+            for _ in range(300):
+                if await service_backends(database, waiting_on_lock=True) >= pool_size:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the enrollments never reached PostgreSQL")
+
+            os.kill(service.pid, signal.SIGTERM)
+            await asyncio.sleep(1.0)
+            assert service.process is not None
+            assert service.process.poll() is None, "exited before its requests were answered"
+            await lock.release()
+            answers = await asyncio.wait_for(asyncio.gather(*enrollments), timeout=30)
+            exit_code = await asyncio.to_thread(service.wait, 30)
+    finally:
+        await lock.release()
+
+    assert exit_code == 0, service.log_text()
+    assert [a.status for a in answers] == [201] * in_flight, answers
+    drained = [r for r in service.records() if r["msg"].startswith("draining")]
+    assert len(drained) == 2, "each worker drains on its own"
+    await wait_for_backends(database, 0)
