@@ -56,9 +56,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured seconds per endpoint")
     parser.add_argument(
         "--variants",
-        default="serve",
+        default="serve:2:20",
         help="server variants, server:workers:pool, comma-separated; the first is the one "
-        "compared with the ceilings (serve = `enrollment-service serve`, production)",
+        "compared with the ceilings (serve = `enrollment-service serve` with WORKERS=workers; "
+        "default serve:2:20, the configuration chosen for the 2-core machine this runs on)",
     )
     parser.add_argument(
         "--no-ceilings", action="store_true", help="skip the database-alone runs (comparisons)"
@@ -134,11 +135,16 @@ class Bench:
         def run(run_ids: Ids) -> Result:
             if tool == "service":
                 return drivers.wrk(kw["url"], endpoint, run_ids, scale.name, c, seconds)
+            # The database alone gets as many client processes (threads) as the server has
+            # workers, so that neither side is held to fewer cores than the other.
+            workers = kw["workers"]
             if tool == "asyncpg":
-                return drivers.asyncpg_loop(self.pg.url, endpoint, run_ids, scale.name, c, seconds)
+                return drivers.asyncpg_loop(
+                    self.pg.url, endpoint, run_ids, scale.name, c, seconds, workers
+                )
             assert self.pg.bin_dir is not None
             return drivers.pgbench(
-                self.pg.url, self.pg.bin_dir, endpoint, run_ids, scale.name, c, seconds
+                self.pg.url, self.pg.bin_dir, endpoint, run_ids, scale.name, c, seconds, workers
             )
 
         def measured(run_ids: Ids) -> Result:
@@ -202,7 +208,11 @@ class Bench:
                         self._record(result, variant.label)
                         if ceilings and endpoint in DATA_ENDPOINTS:
                             for tool in ("asyncpg", "pgbench"):
-                                self._record(self._point(tool, endpoint, ids, scale, c))
+                                self._record(
+                                    self._point(
+                                        tool, endpoint, ids, scale, c, workers=variant.workers
+                                    )
+                                )
                 self.rss[f"{scale.name}/{variant.label}"] = service.peak_rss_mb()
                 _log(f"peak RSS per worker: {self.rss[f'{scale.name}/{variant.label}']} MB")
             finally:

@@ -5,8 +5,10 @@ concurrency."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -232,13 +234,21 @@ def query_args(endpoint: Endpoint, ids: Ids) -> Callable[[int, int], tuple[int, 
 
 
 async def _asyncpg_loop(
-    url: str, sql: str, args: Callable[[int, int], tuple[int, ...]], concurrency: int, seconds: int
+    url: str,
+    sql: str,
+    args: Callable[[int, int], tuple[int, ...]],
+    concurrency: int,
+    seconds: int,
+    first: int = 0,
+    step: int = 1,
 ) -> tuple[list[float], dict[str, int], float]:
+    """`concurrency` connections running `sql` back to back for `seconds`; request numbers are
+    first, first + step, ... (so that several processes never share a fresh pair)."""
     connections = [await asyncpg.connect(url) for _ in range(concurrency)]
-    counter = itertools.count()
+    counter = itertools.count(first, step)
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    rng = random.Random(1)
+    rng = random.Random(1 + first)
     started = time.perf_counter()
     deadline = started + seconds
 
@@ -261,11 +271,10 @@ async def _asyncpg_loop(
     return latencies, errors, elapsed
 
 
-def asyncpg_loop(
-    url: str, endpoint: Endpoint, ids: Ids, scale: str, concurrency: int, seconds: int
-) -> Result:
-    """The endpoint's statement, prepared once per connection (as the service's statement cache
-    does) and run back to back by `concurrency` connections from one uvloop process."""
+def _asyncpg_process(
+    url: str, endpoint: Endpoint, ids: Ids, concurrency: int, seconds: int, first: int, step: int
+) -> tuple[list[float], dict[str, int], float]:
+    """One client process of the loop, on uvloop like the service."""
     assert endpoint.query is not None
     sql = Query.load(endpoint.query).text
     runner: Callable[[Any], Any]
@@ -275,19 +284,53 @@ def asyncpg_loop(
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop ships on every platform we bench on
         runner = asyncio.run
-    latencies, errors, elapsed = runner(
-        _asyncpg_loop(url, sql, query_args(endpoint, ids), concurrency, seconds)
+    result: tuple[list[float], dict[str, int], float] = runner(
+        _asyncpg_loop(url, sql, query_args(endpoint, ids), concurrency, seconds, first, step)
     )
-    return _result(
+    return result
+
+
+def asyncpg_loop(
+    url: str,
+    endpoint: Endpoint,
+    ids: Ids,
+    scale: str,
+    concurrency: int,
+    seconds: int,
+    processes: int = 1,
+) -> Result:
+    """The endpoint's statement, prepared once per connection (as the service's statement cache
+    does) and run back to back by `concurrency` connections, spread over `processes` uvloop
+    processes (as many as the service has workers)."""
+    shares = [concurrency // processes + (k < concurrency % processes) for k in range(processes)]
+    if processes == 1:
+        parts = [_asyncpg_process(url, endpoint, ids, concurrency, seconds, 0, 1)]
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+            futures = [
+                pool.submit(_asyncpg_process, url, endpoint, ids, share, seconds, k, processes)
+                for k, share in enumerate(shares)
+            ]
+            parts = [future.result() for future in futures]
+    latencies = [latency for part in parts for latency in part[0]]
+    errors: dict[str, int] = {}
+    for _, part_errors, _ in parts:
+        for kind, count in part_errors.items():
+            errors[kind] = errors.get(kind, 0) + count
+    result = _result(
         "asyncpg",
         endpoint,
         scale,
         concurrency,
         latencies,
         sum(errors.values()),
-        elapsed,
+        max(part[2] for part in parts),
         errors,
     )
+    # Processes start a little apart: the rate is the sum of each one's own.
+    result.rps = round(sum(len(part[0]) / part[2] for part in parts), 1)
+    return result
 
 
 # --- The database alone: pgbench ------------------------------------------------------------
@@ -324,9 +367,10 @@ def pgbench(
     scale: str,
     concurrency: int,
     seconds: int,
+    jobs: int = 1,
 ) -> Result:
-    """pgbench with the endpoint's script: prepared statements, one thread, `concurrency`
-    connections; latencies from its per-transaction log."""
+    """pgbench with the endpoint's script: prepared statements, `jobs` threads (as many as the
+    service has workers), `concurrency` connections; latencies from its per-transaction log."""
     defines = {
         "students": ids.students,
         "courses": ids.courses,
@@ -345,7 +389,7 @@ def pgbench(
             "--no-vacuum",
             "--protocol=prepared",
             f"--client={concurrency}",
-            "--jobs=1",
+            f"--jobs={jobs}",
             f"--time={seconds}",
             f"--file={script}",
             "--log",
