@@ -1,0 +1,109 @@
+"""`python -m bench.profile ENDPOINT`: where one server process spends its CPU on one endpoint.
+
+Seeds the 10k scale on an embedded PostgreSQL, serves it with `enrollment-service serve` (one
+worker, production logging), drives the endpoint with wrk and samples the server with py-spy
+meanwhile; prints the server's CPU time per request and the heaviest frames. py-spy is not a
+dependency: `.venv/bin/pip install py-spy` first.
+
+.venv/bin/python -m bench.profile roster          # or health, student_courses, enroll
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import database, drivers
+from bench.plan import ENDPOINTS, SCALES, Ids, newcomers_needed
+from bench.server import Service, Variant
+
+_NOISE = re.compile(r"\(/[^)]*?(site-packages|lib/python3\.\d+|work/[^/]+)/")
+
+
+def _frame(raw: str) -> str:
+    """`fetch (/…/site-packages/asyncpg/connection.py:123)` -> `fetch (asyncpg/connection.py)`"""
+    return re.sub(r":\d+\)$", ")", _NOISE.sub("(", raw))
+
+
+def top_frames(collapsed: Path, count: int) -> tuple[int, list[tuple[float, str]]]:
+    """Frames by the share of samples they appear in (inclusive), from py-spy's raw output."""
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        total += int(samples)
+        for frame in {_frame(raw) for raw in stack.split(";")}:
+            inclusive[frame] += int(samples)
+    ranked = [(100 * n / max(total, 1), frame) for frame, n in inclusive.most_common(count)]
+    return total, ranked
+
+
+def main(argv: list[str] | None = None) -> int:
+    keys = [endpoint.key for endpoint in ENDPOINTS]
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
+    parser.add_argument("endpoint", choices=keys)
+    parser.add_argument("--seconds", type=int, default=10, help="sampled seconds")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--top", type=int, default=45, help="frames to print")
+    args = parser.parse_args(argv)
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        print("bench.profile: py-spy is missing: .venv/bin/pip install py-spy", file=sys.stderr)
+        return 2
+    endpoint = next(e for e in ENDPOINTS if e.key == args.endpoint)
+    scale = SCALES["10k"]
+    with (
+        database.postgres(None) as pg,
+        tempfile.TemporaryDirectory(prefix="bench-profile-") as work,
+    ):
+        database.migrate(pg.url)
+        asyncio.run(database.seed(pg.url, scale))
+        ids = Ids(scale.students, scale.courses)
+        if endpoint.key == "enroll":  # fresh pairs for the warm-up and the sampled run
+            needed = newcomers_needed(args.seconds + 4, scale.courses)
+            ids = asyncio.run(database.add_newcomers(pg.url, ids, needed))
+        with (Path(work) / "server.log").open("wb") as log:
+            service = Service(pg.url, Variant(workers=1), log)
+            try:
+                service.wait_ready()
+                drivers.wrk(service.url, endpoint, ids, "10k", args.concurrency, 2, seed=2)
+                collapsed = Path(work) / "profile.txt"
+                record = [py_spy, "record", "--pid", str(service.process.pid), "--rate", "200"]
+                spy = subprocess.Popen(
+                    [
+                        *record,
+                        *("--duration", str(args.seconds), "--format", "raw"),
+                        *("--output", str(collapsed), "--nonblocking"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                before = drivers.cpu_seconds([service.process.pid])
+                result = drivers.wrk(
+                    service.url, endpoint, ids, "10k", args.concurrency, args.seconds
+                )
+                cpu = drivers.cpu_seconds([service.process.pid]) - before
+                spy.wait(timeout=args.seconds + 30)
+            finally:
+                service.stop()
+        print(
+            f"{endpoint.key} at c={args.concurrency}: {result.rps:,.0f} req/s, "
+            f"errors {result.errors}, server CPU {1e6 * cpu / max(result.requests, 1):,.0f} us "
+            "per request"
+        )
+        total, ranked = top_frames(collapsed, args.top)
+        print(f"{total} samples; share of samples each frame appears in:")
+        for share, frame in ranked:
+            print(f"{share:5.1f}%  {frame}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
