@@ -1,8 +1,8 @@
 """`python -m bench.profile ENDPOINT`: where one server process spends its CPU on one endpoint.
 
 Seeds the 10k scale on an embedded PostgreSQL, serves it with `enrollment-service serve` (one
-worker, production logging), drives the endpoint with wrk and samples the server with py-spy
-meanwhile; prints the server's CPU time per request and the heaviest frames. py-spy is not a
+worker, production logging), and drives the endpoint with wrk twice: once to measure the server's
+CPU time per request, once while py-spy samples it; prints both. py-spy is not a
 dependency: `.venv/bin/pip install py-spy` first.
 
 .venv/bin/python -m bench.profile roster          # or health, student_courses, enroll
@@ -65,32 +65,38 @@ def main(argv: list[str] | None = None) -> int:
     ):
         database.migrate(pg.url)
         asyncio.run(database.seed(pg.url, scale))
-        ids = Ids(scale.students, scale.courses)
-        if endpoint.key == "enroll":  # fresh pairs for the warm-up and the sampled run
-            needed = newcomers_needed(args.seconds + 4, scale.courses)
-            ids = asyncio.run(database.add_newcomers(pg.url, ids, needed))
+        seeded = Ids(scale.students, scale.courses)
+
+        def run_ids(seconds: int) -> Ids:
+            """Ids for one run; a POST run gets its own block of fresh students."""
+            if endpoint.key != "enroll":
+                return seeded
+            needed = newcomers_needed(seconds + 2, scale.courses)
+            return asyncio.run(database.add_newcomers(pg.url, seeded, needed))
+
         with (Path(work) / "server.log").open("wb") as log:
             service = Service(pg.url, Variant(workers=1), log)
             try:
                 service.wait_ready()
-                drivers.wrk(service.url, endpoint, ids, "10k", args.concurrency, 2, seed=2)
+                c, seconds = args.concurrency, args.seconds
+                drivers.wrk(service.url, endpoint, run_ids(2), "10k", c, 2)  # warm-up
+                # CPU per request from a run of its own: py-spy pauses the process to sample it.
+                before = drivers.cpu_seconds([service.process.pid])
+                result = drivers.wrk(service.url, endpoint, run_ids(seconds), "10k", c, seconds)
+                cpu = drivers.cpu_seconds([service.process.pid]) - before
                 collapsed = Path(work) / "profile.txt"
                 record = [py_spy, "record", "--pid", str(service.process.pid), "--rate", "200"]
                 spy = subprocess.Popen(
                     [
                         *record,
-                        *("--duration", str(args.seconds), "--format", "raw"),
-                        *("--output", str(collapsed), "--nonblocking"),
+                        *("--duration", str(seconds), "--format", "raw"),
+                        *("--output", str(collapsed)),
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
-                before = drivers.cpu_seconds([service.process.pid])
-                result = drivers.wrk(
-                    service.url, endpoint, ids, "10k", args.concurrency, args.seconds
-                )
-                cpu = drivers.cpu_seconds([service.process.pid]) - before
-                spy.wait(timeout=args.seconds + 30)
+                drivers.wrk(service.url, endpoint, run_ids(seconds), "10k", c, seconds)
+                spy.wait(timeout=seconds + 30)
             finally:
                 service.stop()
         print(
