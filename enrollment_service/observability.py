@@ -59,7 +59,7 @@ _install_request_id_on_every_record()
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; fields passed as `extra=` are kept, nothing else is added.
     Encoded by msgspec (values it cannot encode become their str()), with one strftime per second:
-    json.dumps and a strftime per line cost about 80 us of every request, this about 25 us."""
+    json.dumps and a strftime per line cost about 55 us of a list request, this about 22 us."""
 
     # uvicorn adds a `color_message` to some records: colour codes have no place in JSON.
     _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {
