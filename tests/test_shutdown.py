@@ -90,6 +90,24 @@ async def _request(
     return outcome
 
 
+def _enroll_each(
+    client: httpx.AsyncClient, student_ids: list[int], course_id: int
+) -> list[asyncio.Task[Outcome]]:
+    """One enrollment request per student, all started at once."""
+    return [
+        asyncio.create_task(
+            _request(
+                client,
+                "POST",
+                f"/students/{student_id}/courses",
+                f"enroll-{student_id}",
+                json={"course_id": course_id},
+            )
+        )
+        for student_id in student_ids
+    ]
+
+
 async def _background_traffic(
     base_url: str, worker: int, outcomes: list[Outcome], stop: asyncio.Event
 ) -> None:
@@ -137,18 +155,7 @@ async def test_sigterm_finishes_every_accepted_request_then_exits_0(
         async with httpx.AsyncClient(
             base_url=service.base_url, timeout=60, limits=limits
         ) as client:
-            enrollments = [
-                asyncio.create_task(
-                    _request(
-                        client,
-                        "POST",
-                        f"/students/{student_id}/courses",
-                        f"enroll-{student_id}",
-                        json={"course_id": course_id},
-                    )
-                )
-                for student_id in student_ids
-            ]
+            enrollments = _enroll_each(client, student_ids, course_id)
             workers = [
                 asyncio.create_task(
                     _background_traffic(service.base_url, worker, background, stop_background)
@@ -310,18 +317,7 @@ async def test_with_two_workers_both_serve_and_sigterm_drains_both_then_exits_0(
         async with httpx.AsyncClient(
             base_url=service.base_url, timeout=60, limits=limits
         ) as client:
-            enrollments = [
-                asyncio.create_task(
-                    _request(
-                        client,
-                        "POST",
-                        f"/students/{student_id}/courses",
-                        f"enroll-{student_id}",
-                        json={"course_id": course_id},
-                    )
-                )
-                for student_id in student_ids
-            ]
+            enrollments = _enroll_each(client, student_ids, course_id)
             # At least one worker's whole pool blocked inside PostgreSQL, the rest queued.
             # (Which worker accepts which connection is the kernel's choice.)
             for _ in range(300):
