@@ -78,19 +78,13 @@ def create_app(settings: Settings, database_url: str | None = None) -> Service:
     metrics = Metrics(state)
     state.metrics = metrics
 
-    # The providers read the app's state directly (a provider that takes `state` as a parameter
-    # has it parsed out of the request on every call). Every data endpoint depends on one of
-    # them, so they are also where a data request waits for, or is refused by, pending
-    # migrations: 503 not-ready. (A route guard would cost a copy of the handler per request.)
-    async def provide_db() -> Database:
-        readiness: Readiness = state.readiness
-        if not readiness.schema_current:
-            await readiness.ensure_schema_current()
+    # The providers read the app's state directly: a provider that takes `state` as a parameter
+    # has it parsed out of the request on every call.
+    def provide_db() -> Database:
         db: Database = state.db
         return db
 
-    async def provide_pages() -> Pages:
-        await provide_db()
+    def provide_pages() -> Pages:
         pages: Pages = state.pages
         return pages
 
@@ -98,8 +92,8 @@ def create_app(settings: Settings, database_url: str | None = None) -> Service:
     litestar = Litestar(
         route_handlers=[*data_controllers, HealthController, metrics_endpoint],
         dependencies={
-            "db": Provide(provide_db),
-            "pages": Provide(provide_pages),
+            "db": Provide(provide_db, sync_to_thread=False),
+            "pages": Provide(provide_pages, sync_to_thread=False),
         },
         lifespan=[database],
         state=state,

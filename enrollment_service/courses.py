@@ -14,6 +14,7 @@ from litestar.response import Response
 from msgspec import UNSET, UnsetType
 
 from enrollment_service.db import Database, Query
+from enrollment_service.health import require_current_schema
 from enrollment_service.pagination import Cursor, Limit, Page, Pages
 from enrollment_service.problems import (
     CapacityBelowEnrolled,
@@ -86,6 +87,7 @@ def _code_taken(error: asyncpg.UniqueViolationError, code: str | UnsetType) -> E
 class CourseController(Controller):
     path = "/courses"
     tags = ["courses"]
+    before_request = staticmethod(require_current_schema)
 
     @post(
         dto=StrictBody[NewCourse],

@@ -13,6 +13,7 @@ from litestar.response import Response
 
 from enrollment_service.courses import Course, CourseId
 from enrollment_service.db import Database, Query
+from enrollment_service.health import require_current_schema
 from enrollment_service.pagination import Cursor, Limit, Page, Pages
 from enrollment_service.problems import (
     AlreadyEnrolled,
@@ -94,6 +95,7 @@ def _without_empty_row(rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
 class EnrollmentController(Controller):
     path = "/students/{student_id:str}/courses"
     tags = ["enrollments"]
+    before_request = staticmethod(require_current_schema)
 
     @post(
         dto=StrictBody[NewEnrollment],
@@ -162,6 +164,7 @@ class EnrollmentController(Controller):
 class RosterController(Controller):
     path = "/courses/{course_id:str}/students"
     tags = ["enrollments"]
+    before_request = staticmethod(require_current_schema)
 
     @get(summary="List a course's students by student id", responses=documented(400, 404))
     async def roster(

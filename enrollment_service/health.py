@@ -89,6 +89,15 @@ class Readiness:
         raise NotReady({"database": "ok", "migrations": "pending: " + ", ".join(self._pending)})
 
 
+async def require_current_schema(request: Request[Any, Any, Any]) -> None:
+    """The data controllers' `before_request` hook: 503 not-ready until every migration is
+    applied, before the request is even validated. (A hook, not a route guard: Litestar copies
+    the handler for every guard call, 4 % of a request's CPU.)"""
+    readiness: Readiness = request.app.state.readiness
+    if not readiness.schema_current:
+        await readiness.ensure_schema_current()
+
+
 class HealthController(Controller):
     path = "/health"
     tags = ["operations"]

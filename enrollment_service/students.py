@@ -14,6 +14,7 @@ from litestar.response import Response
 from msgspec import UNSET, UnsetType
 
 from enrollment_service.db import Database, Query
+from enrollment_service.health import require_current_schema
 from enrollment_service.pagination import Cursor, Limit, Page, Pages
 from enrollment_service.problems import EmailTaken, StudentNotFound, documented
 from enrollment_service.validation import (
@@ -70,6 +71,7 @@ def _refusal(error: asyncpg.UniqueViolationError) -> Exception:
 class StudentController(Controller):
     path = "/students"
     tags = ["students"]
+    before_request = staticmethod(require_current_schema)
 
     @post(
         dto=StrictBody[NewStudent],

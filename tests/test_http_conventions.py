@@ -217,6 +217,11 @@ async def test_data_endpoints_answer_503_not_ready_while_migrations_are_pending(
             assert "migrations" in body["detail"]
             gated = assert_problem(await client.get("/students"), 503, "not-ready")
             assert gated["checks"]["migrations"] == "pending: 0002.student-courses"
+            enroll = await client.post("/students/1/courses", json={"course_id": 1})
+            assert_problem(enroll, 503, "not-ready")
+            # Before validation too: callers see one answer while the schema is behind.
+            assert_problem(await client.get("/students/0"), 503, "not-ready")
+            assert_problem(await client.post("/courses", json={}), 503, "not-ready")
             assert (await client.get("/health/live")).status_code == 200
 
             await asyncio.to_thread(migrations.apply, url)
