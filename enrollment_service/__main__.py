@@ -90,6 +90,17 @@ def serve(settings: Settings, database_url: str) -> int:
     return 0 if server.started else 1
 
 
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor, closing its own copy of the listening socket as shutdown begins:
+    otherwise the socket stays open while the workers drain, and new connections are accepted by
+    the kernel, never served, and reset at exit instead of being refused at once."""
+
+    def terminate_all(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        super().terminate_all()
+
+
 def _serve_workers(settings: Settings, database_url: str) -> int:
     """WORKERS processes on one listening socket, under uvicorn's supervisor, which restarts a
     worker that dies and passes SIGTERM/SIGINT on to every worker (each drains as above)."""
@@ -98,7 +109,7 @@ def _serve_workers(settings: Settings, database_url: str) -> int:
     os.environ["DATABASE_URL"] = database_url
     os.environ["LOG_FORMAT"] = settings.log_format
     config = _uvicorn_config(settings, "enrollment_service.__main__:worker_app")
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor = _Supervisor(config, sockets=[config.bind_socket()])
     log.info("serving with %d worker processes", settings.workers)
     supervisor.run()
     if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):

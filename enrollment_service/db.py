@@ -152,7 +152,9 @@ class Database:
             raise
         finally:
             try:
-                await self.pool.release(conn)
+                # Bounded as acquire(timeout=) would have bounded it: releasing a connection
+                # whose statement was cancelled waits for PostgreSQL to confirm the cancel.
+                await self.pool.release(conn, timeout=self.acquire_timeout)
             except Exception as error:
                 # The pool has dropped the connection; the statement's outcome stands.
                 log.warning("a connection failed to reset and was closed: %r", error)

@@ -331,6 +331,9 @@ async def test_with_two_workers_both_serve_and_sigterm_drains_both_then_exits_0(
             await asyncio.sleep(1.0)
             assert service.process is not None
             assert service.process.poll() is None, "exited before its requests were answered"
+            # Draining, and no longer listening: a new connection is refused, not left hanging.
+            late = await _probe_readiness(service.base_url)
+            assert late.error == "ConnectError", late
             await lock.release()
             answers = await asyncio.wait_for(asyncio.gather(*enrollments), timeout=30)
             exit_code = await asyncio.to_thread(service.wait, 30)
