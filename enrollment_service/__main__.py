@@ -6,8 +6,10 @@ import argparse
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from types import FrameType
 
 import uvicorn
@@ -16,7 +18,7 @@ from uvicorn.supervisors import Multiprocess
 
 from enrollment_service import migrations
 from enrollment_service.app import Service, create_app
-from enrollment_service.observability import configure_logging
+from enrollment_service.observability import MULTIPROCESS_DIR_VARIABLE, configure_logging
 from enrollment_service.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("enrollment_service")
@@ -108,10 +110,17 @@ def _serve_workers(settings: Settings, database_url: str) -> int:
     # process resolved (`dev` picks the database and the log format itself).
     os.environ["DATABASE_URL"] = database_url
     os.environ["LOG_FORMAT"] = settings.log_format
+    # A fresh folder per run for prometheus_client's per-process metric files, so that /metrics
+    # sums every worker's (a folder left from an earlier run would add its counts).
+    metrics_dir = tempfile.mkdtemp(prefix="enrollment-service-metrics-")
+    os.environ[MULTIPROCESS_DIR_VARIABLE] = metrics_dir
     config = _uvicorn_config(settings, "enrollment_service.__main__:worker_app")
     supervisor = _Supervisor(config, sockets=[config.bind_socket()])
     log.info("serving with %d worker processes", settings.workers)
-    supervisor.run()
+    try:
+        supervisor.run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
         return 1
     return 0

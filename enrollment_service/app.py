@@ -12,7 +12,6 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
-from prometheus_client import generate_latest
 
 from enrollment_service.courses import CourseController
 from enrollment_service.db import Database, open_database
@@ -53,7 +52,7 @@ class Service(RequestObserver):
 @get("/metrics", include_in_schema=False, sync_to_thread=False)
 def metrics_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
     metrics: Metrics = request.app.state.metrics
-    return Response(generate_latest(metrics.registry), media_type="text/plain; version=0.0.4")
+    return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
 
 def create_app(settings: Settings, database_url: str | None = None) -> Service:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextvars
 import hmac
 import logging
+import os
 import re
 import secrets
 import sys
@@ -14,8 +15,9 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from enrollment_service.problems import PROBLEM_MEDIA_TYPE, Unauthorized, problem_document
@@ -33,6 +35,9 @@ UNAUTHENTICATED_PATHS = frozenset({"/health/live", "/health/ready"})
 UNMATCHED_ROUTE = "(unmatched)"
 
 access_log = logging.getLogger("enrollment_service.access")
+
+#: Where prometheus_client keeps each worker process's metrics (its own variable name).
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 # --- Logging -------------------------------------------------------------------------------
@@ -155,9 +160,23 @@ class Metrics:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
-        self.registry.register(_PoolCollector(app_state))
+        self._pool = _PoolCollector(app_state)
+        self.registry.register(self._pool)
         # Labelled children by (method, route template, status): a bounded set, looked up once.
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def exposition(self) -> bytes:
+        """What /metrics answers. Under several worker processes (`serve` with WORKERS > 1 sets
+        PROMETHEUS_MULTIPROC_DIR for them) the request metrics are every worker's, summed from
+        the files prometheus_client keeps per process; the pool gauges are the answering
+        worker's."""
+        directory = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
+        if not directory:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        registry.register(self._pool)
+        return generate_latest(registry)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         children = self._children.get((method, route, status))
