@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from types import FrameType
@@ -93,13 +94,26 @@ def serve(settings: Settings, database_url: str) -> int:
 
 
 class _Supervisor(Multiprocess):
-    """uvicorn's supervisor, closing its own copy of the listening socket as shutdown begins:
-    otherwise the socket stays open while the workers drain, and new connections are accepted by
+    """uvicorn's supervisor, closing its own copy of the listening socket the moment SIGTERM or
+    SIGINT arrives (uvicorn reads its signal queue only every half second, and keeps the socket
+    until the workers exit): otherwise, while the workers drain, new connections are accepted by
     the kernel, never served, and reset at exit instead of being refused at once."""
 
-    def terminate_all(self) -> None:
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+        super().__init__(config, sockets)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop_signal)
+
+    def _on_stop_signal(self, sig: int, frame: FrameType | None) -> None:
+        self._stop_listening()
+        self.signal_queue.append(sig)  # what uvicorn's own handler does
+
+    def _stop_listening(self) -> None:
         for sock in self.sockets:
             sock.close()
+
+    def terminate_all(self) -> None:
+        self._stop_listening()
         super().terminate_all()
 
 
@@ -114,12 +128,13 @@ def _serve_workers(settings: Settings, database_url: str) -> int:
     # sums every worker's (a folder left from an earlier run would add its counts).
     metrics_dir = tempfile.mkdtemp(prefix="enrollment-service-metrics-")
     os.environ[MULTIPROCESS_DIR_VARIABLE] = metrics_dir
-    config = _uvicorn_config(settings, "enrollment_service.__main__:worker_app")
-    supervisor = _Supervisor(config, sockets=[config.bind_socket()])
-    log.info("serving with %d worker processes", settings.workers)
     try:
+        config = _uvicorn_config(settings, "enrollment_service.__main__:worker_app")
+        supervisor = _Supervisor(config, sockets=[config.bind_socket()])
+        log.info("serving with %d worker processes", settings.workers)
         supervisor.run()
     finally:
+        os.environ.pop(MULTIPROCESS_DIR_VARIABLE, None)
         shutil.rmtree(metrics_dir, ignore_errors=True)
     if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
         return 1
