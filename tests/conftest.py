@@ -8,12 +8,13 @@ fails loudly: never a mock, never a silent skip.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +80,22 @@ def _with_database(url: str, name: str) -> str:
     return f"{prefix}/{name}" + (f"?{query}" if query else "")
 
 
+ServeFactory = Callable[..., Awaitable[ServiceProcess]]
+
+
 @pytest.fixture
-def services() -> Iterator[list[ServiceProcess]]:
-    """Every `serve` process a test starts, stopped afterwards whatever happened."""
+async def serve(tmp_path: Path) -> AsyncIterator[ServeFactory]:
+    """`await serve(database_url, **settings)`: `enrollment-service serve` with those settings,
+    ready for requests. Every process a test starts is stopped afterwards, whatever happened."""
     started: list[ServiceProcess] = []
-    yield started
+
+    async def start(database_url: str, **settings: str) -> ServiceProcess:
+        service = ServiceProcess(database_url, tmp_path, **settings).start()
+        started.append(service)
+        await asyncio.to_thread(service.wait_until_ready)
+        return service
+
+    yield start
     for service in started:
         service.stop()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from pathlib import Path
 
 import asyncpg
 import httpx
@@ -15,10 +14,9 @@ import pytest
 
 from enrollment_service import migrations
 from enrollment_service.embedded import EmbeddedPostgres
-from tests.conftest import DatabaseFactory, assert_problem
+from tests.conftest import DatabaseFactory, ServeFactory, assert_problem
 from tests.ops_support import (
     RowLock,
-    ServiceProcess,
     answer_bound,
     assert_unavailable,
     dedicated_postgres,
@@ -40,19 +38,16 @@ def outage_postgres() -> Iterator[EmbeddedPostgres]:
 
 @pytest.mark.timeout(120)
 async def test_postgres_stopping_under_load_answers_503_then_recovers_by_itself(
-    outage_postgres: EmbeddedPostgres, services: list[ServiceProcess], tmp_path: Path
+    outage_postgres: EmbeddedPostgres, serve: ServeFactory
 ) -> None:
-    service = ServiceProcess(
+    service = await serve(
         outage_postgres.url,
-        tmp_path,
         DB_POOL_MIN_SIZE="2",
         DB_POOL_MAX_SIZE="5",
         DB_POOL_ACQUIRE_TIMEOUT=str(ACQUIRE_TIMEOUT),
         DB_CONNECT_TIMEOUT="1",
         HEALTH_TIMEOUT="0.5",
-    ).start()
-    services.append(service)
-    await asyncio.to_thread(service.wait_until_ready)
+    )
 
     report = await outage_scenario(outage_postgres, service, wait_seconds=ACQUIRE_TIMEOUT)
     print(f"direct: {report}")
@@ -67,7 +62,7 @@ async def exhaustion_database(database_factory: DatabaseFactory) -> str:
 
 @pytest.mark.timeout(90)
 async def test_an_exhausted_pool_answers_503_within_the_acquire_timeout_and_recovers(
-    exhaustion_database: str, services: list[ServiceProcess], tmp_path: Path
+    exhaustion_database: str, serve: ServeFactory
 ) -> None:
     pool_size = 3
     conn = await asyncpg.connect(exhaustion_database)
@@ -89,17 +84,14 @@ async def test_an_exhausted_pool_answers_503_within_the_acquire_timeout_and_reco
         await conn.close()
     holders, spare = student_ids[:pool_size], student_ids[pool_size]
 
-    service = ServiceProcess(
+    service = await serve(
         exhaustion_database,
-        tmp_path,
         DB_POOL_MIN_SIZE="1",
         DB_POOL_MAX_SIZE=str(pool_size),
         DB_POOL_ACQUIRE_TIMEOUT=str(ACQUIRE_TIMEOUT),
         DB_COMMAND_TIMEOUT="30",
         HEALTH_TIMEOUT="0.5",
-    ).start()
-    services.append(service)
-    await asyncio.to_thread(service.wait_until_ready)
+    )
 
     lock = await RowLock(exhaustion_database, course_id).acquire()
     try:

@@ -9,17 +9,15 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import asyncpg
 import httpx
 import pytest
 
 from enrollment_service import migrations
-from tests.conftest import DatabaseFactory, assert_problem
+from tests.conftest import DatabaseFactory, ServeFactory, assert_problem
 from tests.ops_support import (
     RowLock,
-    ServiceProcess,
     log_time,
     service_backends,
     wait_for_backends,
@@ -132,20 +130,17 @@ async def _probe_readiness(base_url: str) -> Outcome:
 
 @pytest.mark.timeout(90)
 async def test_sigterm_finishes_every_accepted_request_then_exits_0(
-    database: str, services: list[ServiceProcess], tmp_path: Path
+    database: str, serve: ServeFactory
 ) -> None:
     course_id, student_ids = await _course_and_students(database, IN_FLIGHT)
-    service = ServiceProcess(
+    service = await serve(
         database,
-        tmp_path,
         DB_POOL_MIN_SIZE="2",
         DB_POOL_MAX_SIZE=str(POOL_SIZE),
         DB_POOL_ACQUIRE_TIMEOUT="30",
         DB_COMMAND_TIMEOUT="30",
         SHUTDOWN_GRACE_PERIOD=str(GRACE_SECONDS),
-    ).start()
-    services.append(service)
-    await asyncio.to_thread(service.wait_until_ready)
+    )
 
     lock = await RowLock(database, course_id).acquire()
     limits = httpx.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
@@ -247,18 +242,15 @@ async def test_sigterm_finishes_every_accepted_request_then_exits_0(
 
 @pytest.mark.timeout(60)
 async def test_a_request_outlasting_the_grace_period_does_not_hold_up_the_exit(
-    database: str, services: list[ServiceProcess], tmp_path: Path
+    database: str, serve: ServeFactory
 ) -> None:
     grace = 1
     course_id, (student_id,) = await _course_and_students(database, 1)
-    service = ServiceProcess(
+    service = await serve(
         database,
-        tmp_path,
         DB_COMMAND_TIMEOUT="60",
         SHUTDOWN_GRACE_PERIOD=str(grace),
-    ).start()
-    services.append(service)
-    await asyncio.to_thread(service.wait_until_ready)
+    )
 
     lock = await RowLock(database, course_id).acquire()
     try:
@@ -294,21 +286,18 @@ async def test_a_request_outlasting_the_grace_period_does_not_hold_up_the_exit(
 
 @pytest.mark.timeout(90)
 async def test_with_two_workers_both_serve_and_sigterm_drains_both_then_exits_0(
-    database: str, services: list[ServiceProcess], tmp_path: Path
+    database: str, serve: ServeFactory
 ) -> None:
     pool_size, in_flight = 4, 16
     course_id, student_ids = await _course_and_students(database, in_flight)
-    service = ServiceProcess(
+    service = await serve(
         database,
-        tmp_path,
         WORKERS="2",
         DB_POOL_MIN_SIZE="1",
         DB_POOL_MAX_SIZE=str(pool_size),
         DB_POOL_ACQUIRE_TIMEOUT="30",
         SHUTDOWN_GRACE_PERIOD="15",
-    ).start()
-    services.append(service)
-    await asyncio.to_thread(service.wait_until_ready)
+    )
     assert len(service.workers()) == 2, service.log_text()
 
     lock = await RowLock(database, course_id).acquire()

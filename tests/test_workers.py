@@ -11,8 +11,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from enrollment_service import migrations
-from tests.conftest import DatabaseFactory
-from tests.ops_support import ServiceProcess
+from tests.conftest import DatabaseFactory, ServeFactory
 
 SCRAPES = 8
 
@@ -29,14 +28,12 @@ def _answered(exposition: str, route: str) -> float:
 
 
 async def test_with_two_workers_metrics_add_up_every_workers_requests(
-    database_factory: DatabaseFactory, services: list[ServiceProcess], tmp_path: Path
+    database_factory: DatabaseFactory, serve: ServeFactory, tmp_path: Path
 ) -> None:
     url = await database_factory.create("workers")
     await asyncio.to_thread(migrations.apply, url)
     # TMPDIR: serve's folder for the workers' metric files lands where the test can see it.
-    service = ServiceProcess(url, tmp_path, WORKERS="2", TMPDIR=str(tmp_path)).start()
-    services.append(service)
-    await asyncio.to_thread(service.wait_until_ready)
+    service = await serve(url, WORKERS="2", TMPDIR=str(tmp_path))
     assert len(service.workers()) == 2, service.log_text()
 
     def counter_files() -> list[Path]:
