@@ -21,6 +21,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from enrollment_service.problems import PROBLEM_MEDIA_TYPE, Unauthorized, problem_document
+from enrollment_service.settings import ApiToken
 
 # Plain ASGI types: this wrapper sits outside Litestar and speaks ASGI itself.
 Scope = MutableMapping[str, Any]
@@ -30,6 +31,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[..., Awaitable[None]]
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+#: Who is calling: the name of the bearer token the request carried ("-" without tokens).
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="-")
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 UNAUTHENTICATED_PATHS = frozenset({"/health/live", "/health/ready"})
 UNMATCHED_ROUTE = "(unmatched)"
@@ -44,7 +47,8 @@ MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def _install_request_id_on_every_record() -> None:
-    """Every log record, from any logger and to any handler, carries the current request id."""
+    """Every log record, from any logger and to any handler, carries the current request id and
+    the caller's name."""
     make_record = logging.getLogRecordFactory()
     if getattr(make_record, "adds_request_id", False):
         return
@@ -52,6 +56,7 @@ def _install_request_id_on_every_record() -> None:
     def make_record_with_request_id(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = make_record(*args, **kwargs)
         record.request_id = REQUEST_ID.get()
+        record.caller = CALLER.get()
         return record
 
     make_record_with_request_id.adds_request_id = True  # type: ignore[attr-defined]
@@ -70,6 +75,7 @@ class JsonFormatter(logging.Formatter):
     _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {
         "message",
         "request_id",
+        "caller",
         "color_message",
     }
     _encoder = msgspec.json.Encoder(enc_hook=str)
@@ -94,6 +100,9 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
             "request_id": getattr(record, "request_id", "-"),
         }
+        caller = getattr(record, "caller", "-")
+        if caller != "-":
+            entry["caller"] = caller
         for key, value in record.__dict__.items():
             if key not in self._STANDARD:
                 entry[key] = value
@@ -203,21 +212,27 @@ class RequestObserver:
     """ASGI middleware around the whole Litestar app, so that it also sees the requests that
     match no route (401 must come before 404, and every answer carries X-Request-ID)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, api_tokens: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, api_tokens: tuple[ApiToken, ...]) -> None:
         self.app = app
         self.metrics = metrics
-        self._tokens = [token.encode() for token in api_tokens]
+        self._tokens = [(token.name, token.secret.encode()) for token in api_tokens]
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _caller(self, scope: Scope) -> str | None:
+        """The name of the token the request carries; "-" when no token is needed; None when
+        one is needed and the request has no valid one."""
         if not self._tokens or scope["path"].rstrip("/") in UNAUTHENTICATED_PATHS:
-            return True
+            return "-"
         header = _header(scope, b"authorization") or ""
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
-            return False
+            return None
         given = token.strip().encode()
         # Compare with every token, always, so timing says nothing about which one matched.
-        return sum(hmac.compare_digest(given, known) for known in self._tokens) > 0
+        caller = None
+        for name, secret in self._tokens:
+            if hmac.compare_digest(given, secret):
+                caller = name
+        return caller
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -240,8 +255,10 @@ class RequestObserver:
                 message["headers"] = headers
             await send(message)
 
+        caller = self._caller(scope)
+        caller_token = CALLER.set(caller or "-")
         try:
-            if self._authorized(scope):
+            if caller is not None:
                 await self.app(scope, receive, send_with_id)
             else:
                 await _send_problem(send_with_id, Unauthorized())
@@ -267,6 +284,7 @@ class RequestObserver:
                         "duration_ms": round(seconds * 1000, 2),
                     },
                 )
+            CALLER.reset(caller_token)
             REQUEST_ID.reset(token)
 
 

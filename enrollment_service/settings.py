@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -19,6 +21,20 @@ class SettingsError(ValueError):
     """A setting has a value the service cannot start with; the message names the variable."""
 
 
+class ApiToken(msgspec.Struct, frozen=True):
+    """One accepted bearer token. `name` says who the caller is (logs, idempotency scope);
+    the secret itself is never logged."""
+
+    name: str
+    secret: str
+
+
+#: The name of a caller in `API_TOKENS=name:secret`.
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: The built-in cursor key: fine for `dev`, a warning at start-up anywhere else.
+DEFAULT_CURSOR_SECRET = "enrollment-service-cursors"  # noqa: S105 - set CURSOR_SECRET in production
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str | None = None
     """Where the API's queries go (possibly through PgBouncer)."""
@@ -28,7 +44,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8000
     workers: int = 1
     """Server processes, each with its own pool of up to `pool_max_size` connections."""
-    api_tokens: tuple[str, ...] = ()
+    api_tokens: tuple[ApiToken, ...] = ()
     pool_min_size: int = 2
     pool_max_size: int = 10
     pool_acquire_timeout: float = 2.0
@@ -36,11 +52,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     command_timeout: float = 10.0
     statement_cache_size: int = 1024
     health_timeout: float = 1.0
+    shutdown_delay: float = 0.0
+    """Seconds between SIGTERM and the drain: readiness answers 503 at once, but new connections
+    and requests are still served, so a load balancer has time to notice before the port closes."""
     shutdown_grace_period: float = 20.0
+    migrate_connect_timeout: float = 60.0
+    """Seconds `migrate` keeps retrying its first connection to a database that is not up yet."""
     retry_after_seconds: int = 2
     log_level: str = "INFO"
     log_format: LogFormat = "json"
-    cursor_secret: str = "enrollment-service-cursors"  # noqa: S105 - set CURSOR_SECRET in production
+    cursor_secret: str = DEFAULT_CURSOR_SECRET
     data_dir: Path = Path(".data/postgres")
 
     @property
@@ -70,8 +91,25 @@ def _parse_float(low: float, high: float) -> Callable[[str], float]:
     return _parse_number(float, low, high, "a number of seconds")
 
 
-def _parse_tokens(raw: str) -> tuple[str, ...]:
-    return tuple(token.strip() for token in raw.split(",") if token.strip())
+def _parse_tokens(raw: str) -> tuple[ApiToken, ...]:
+    """Comma-separated `name:secret` entries, or bare secrets (named `token-` and the first 8
+    hex digits of the secret's SHA-256, so logs can tell callers apart without the secret)."""
+    tokens: list[ApiToken] = []
+    for entry in (part.strip() for part in raw.split(",")):
+        if not entry:
+            continue
+        name, colon, secret = entry.partition(":")
+        if colon and _TOKEN_NAME.fullmatch(name):
+            if not secret.strip():
+                raise ValueError(f"the token named {name!r} has an empty secret")
+            tokens.append(ApiToken(name, secret.strip()))
+        else:
+            digest = hashlib.sha256(entry.encode()).hexdigest()[:8]
+            tokens.append(ApiToken(f"token-{digest}", entry))
+    names = [token.name for token in tokens]
+    if duplicates := sorted({name for name in names if names.count(name) > 1}):
+        raise ValueError(f"each token needs its own name; repeated: {', '.join(duplicates)}")
+    return tuple(tokens)
 
 
 def _parse_log_level(raw: str) -> str:
@@ -115,7 +153,9 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "DB_COMMAND_TIMEOUT": ("command_timeout", _parse_float(0.1, 3600)),
     "DB_STATEMENT_CACHE_SIZE": ("statement_cache_size", _parse_int(0, 100_000)),
     "HEALTH_TIMEOUT": ("health_timeout", _parse_float(0.05, 60)),
+    "SHUTDOWN_DELAY": ("shutdown_delay", _parse_float(0, 3600)),
     "SHUTDOWN_GRACE_PERIOD": ("shutdown_grace_period", _parse_float(0, 3600)),
+    "MIGRATE_CONNECT_TIMEOUT": ("migrate_connect_timeout", _parse_float(0, 3600)),
     "RETRY_AFTER_SECONDS": ("retry_after_seconds", _parse_int(1, 30)),
     "LOG_LEVEL": ("log_level", _parse_log_level),
     "LOG_FORMAT": ("log_format", _parse_log_format),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from enrollment_service.settings import SettingsError, load_settings
+from enrollment_service.settings import ApiToken, SettingsError, load_settings
 
 
 def test_defaults_need_no_environment() -> None:
@@ -27,7 +27,7 @@ def test_every_variable_is_read_and_typed() -> None:
             "HOST": "127.0.0.1",
             "PORT": "9000",
             "WORKERS": "4",
-            "API_TOKENS": " one, two ,,",
+            "API_TOKENS": " one, sync-job:two ,,",
             "DB_POOL_MIN_SIZE": "1",
             "DB_POOL_MAX_SIZE": "30",
             "DB_POOL_ACQUIRE_TIMEOUT": "0.5",
@@ -35,12 +35,18 @@ def test_every_variable_is_read_and_typed() -> None:
             "LOG_LEVEL": "debug",
             "LOG_FORMAT": "text",
             "SHUTDOWN_GRACE_PERIOD": "7.5",
+            "SHUTDOWN_DELAY": "10",
+            "MIGRATE_CONNECT_TIMEOUT": "3",
             "DATA_DIR": "/srv/enrollment/pg",
         }
     )
     assert settings.port == 9000
     assert settings.workers == 4
-    assert settings.api_tokens == ("one", "two")
+    assert settings.api_tokens == (
+        ApiToken("token-7692c3ad", "one"),  # bare: named by its SHA-256, never by the secret
+        ApiToken("sync-job", "two"),
+    )
+    assert (settings.shutdown_delay, settings.migrate_connect_timeout) == (10, 3)
     assert settings.pool_max_size == 30
     assert settings.pool_acquire_timeout == 0.5
     assert settings.statement_cache_size == 0
@@ -65,6 +71,10 @@ def test_every_variable_is_read_and_typed() -> None:
         ("DATABASE_URL", "mysql://x"),
         ("RETRY_AFTER_SECONDS", "31"),
         ("HOST", "  "),
+        ("SHUTDOWN_DELAY", "-1"),
+        ("MIGRATE_CONNECT_TIMEOUT", "soon"),
+        ("API_TOKENS", "sync:a, sync:b"),
+        ("API_TOKENS", "sync:"),
     ],
 )
 def test_a_bad_value_names_its_variable(variable: str, value: str) -> None:
