@@ -146,13 +146,7 @@ def migrate(settings: Settings) -> int:
     if url is None:
         log.error("DATABASE_URL (or MIGRATIONS_DATABASE_URL) must be set to migrate")
         return 2
-    try:
-        applied = migrations.apply(url)
-    except migrations.MigrationError as error:
-        log.error("migration failed: %s", error)
-        return 1
-    log.info("schema up to date (%d applied now)", len(applied))
-    return 0
+    return migrations.run(url, connect_timeout=settings.migrate_connect_timeout)
 
 
 def dev(settings: Settings) -> int:

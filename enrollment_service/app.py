@@ -65,11 +65,12 @@ def create_app(settings: Settings, database_url: str | None = None) -> Service:
         db = await open_database(settings, url)
         app.state.db = db
         app.state.pages = Pages(db, Cursors(settings.cursor_secret))
-        app.state.readiness = Readiness(db, settings.health_timeout)
+        app.state.readiness = readiness = Readiness(db, settings, url)
         log.info("pool open (min %d, max %d)", settings.pool_min_size, settings.pool_max_size)
         try:
             yield
         finally:
+            await readiness.close()
             await db.close(grace_seconds=settings.shutdown_grace_period or 5.0)
             log.info("pool closed")
 

@@ -13,6 +13,7 @@ from litestar import Controller, Request, get
 from enrollment_service.db import Database, DatabaseUnavailable, Query
 from enrollment_service.migrations import migration_ids
 from enrollment_service.problems import NotReady, documented
+from enrollment_service.settings import Settings
 
 PING = Query.load("health/ping")
 APPLIED_MIGRATIONS = Query.load("health/applied_migrations")
@@ -33,15 +34,18 @@ class Ready(msgspec.Struct, frozen=True):
 class Readiness:
     """What /health/ready reports, shared with the schema gate and the shutdown handler."""
 
-    def __init__(self, db: Database, timeout: float) -> None:
+    def __init__(self, db: Database, settings: Settings, database_url: str) -> None:
         self.db = db
-        self.timeout = timeout
+        self.timeout = settings.health_timeout
         self.expected = migration_ids()
         self.draining = False
         self.schema_current = False
         self._schema_checked_at = 0.0
         self._pending: list[str] = []
         self._schema_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        """Called once at shutdown, after the last request."""
 
     async def _pending_migrations(self) -> list[str]:
         try:

@@ -104,3 +104,14 @@ def rollback(database_url: str, migration_id: str) -> None:
         chosen = backend.to_rollback(migrations.filter(lambda m: m.id == migration_id))
         backend.rollback_migrations(chosen)
     log.info("rolled back migration %s", migration_id)
+
+
+def run(database_url: str, connect_timeout: float) -> int:
+    """`enrollment-service migrate`: apply what is pending; the exit status for the command."""
+    try:
+        applied = apply(database_url)
+    except MigrationError as error:
+        log.error("migration failed: %s", error)
+        return 1
+    log.info("schema up to date (%d applied now)", len(applied))
+    return 0
