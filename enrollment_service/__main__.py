@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import math
 import os
@@ -11,7 +12,9 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
@@ -35,20 +38,38 @@ class GracefulServer(uvicorn.Server):
 
 
 def serving_app(settings: Settings, database_url: str | None = None) -> Service:
-    """The app as `serve` runs it: on SIGTERM or SIGINT it begins a graceful shutdown before
-    uvicorn stops taking requests. The handler is chained onto uvicorn's own, which uvicorn
-    installs before the app starts up (and restores when it stops)."""
+    """The app as `serve` runs it. On SIGTERM or SIGINT: readiness answers 503 at once; the
+    server keeps taking connections and requests for SHUTDOWN_DELAY seconds (the load balancer's
+    time to notice), then stops listening and drains. The handler is chained onto uvicorn's own,
+    which uvicorn installs before the app starts up (and restores when it stops)."""
     service = create_app(settings, database_url)
+    delay = settings.shutdown_delay
 
     def drain_on_signals() -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            chained = signal.getsignal(sig)
+        loop = asyncio.get_running_loop()
+        signalled = False
 
-            def handler(signum: int, frame: FrameType | None, chained: object = chained) -> None:
-                log.info("received %s", signal.Signals(signum).name)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            stop_server = signal.getsignal(sig)
+
+            def drain(signum: int, stop_server: object = stop_server) -> None:
                 service.begin_shutdown(settings.shutdown_grace_period)
-                if callable(chained):
-                    chained(signum, frame)
+                if callable(stop_server):
+                    stop_server(signum, None)
+
+            def handler(signum: int, frame: FrameType | None, drain: Any = drain) -> None:
+                nonlocal signalled
+                if signalled and delay > 0:
+                    # WORKERS > 1: the supervisor passes the signal on as it gets it, and again
+                    # as it stops; the first one started the delay, which runs its course.
+                    return
+                signalled = True
+                log.info("received %s", signal.Signals(signum).name)
+                if delay > 0:
+                    service.announce_shutdown(delay)
+                    loop.call_soon_threadsafe(loop.call_later, delay, drain, signum)
+                else:
+                    drain(signum)
 
             signal.signal(sig, handler)
 
@@ -94,18 +115,32 @@ def serve(settings: Settings, database_url: str) -> int:
 
 
 class _Supervisor(Multiprocess):
-    """uvicorn's supervisor, closing its own copy of the listening socket the moment SIGTERM or
-    SIGINT arrives (uvicorn reads its signal queue only every half second, and keeps the socket
-    until the workers exit): otherwise, while the workers drain, new connections are accepted by
-    the kernel, never served, and reset at exit instead of being refused at once."""
+    """uvicorn's supervisor, with the shutdown `serve` promises. On SIGTERM or SIGINT it passes
+    the signal to every worker at once (uvicorn would only after its next half-second tick), so
+    each turns readiness to 503 and starts its SHUTDOWN_DELAY together; and it closes its own
+    copy of the listening socket when that delay ends, as the workers close theirs: kept
+    longer, new connections would be accepted by the kernel, never served, and reset at exit
+    instead of being refused."""
 
-    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+    def __init__(
+        self, config: uvicorn.Config, sockets: list[socket.socket], shutdown_delay: float
+    ) -> None:
         super().__init__(config, sockets)
+        self._shutdown_delay = shutdown_delay
+        self._listen_until: float | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop_signal)
 
     def _on_stop_signal(self, sig: int, frame: FrameType | None) -> None:
-        self._stop_listening()
+        if self._listen_until is None:
+            self._listen_until = time.monotonic() + self._shutdown_delay
+            for process in self.processes:
+                # Not process.terminate(): that also closes the pipes the supervisor's loop may
+                # be pinging the worker through at this very moment.
+                if process.pid is not None and process.exitcode is None:
+                    os.kill(process.pid, signal.SIGTERM)
+            if self._shutdown_delay <= 0:
+                self._stop_listening()
         self.signal_queue.append(sig)  # what uvicorn's own handler does
 
     def _stop_listening(self) -> None:
@@ -113,8 +148,12 @@ class _Supervisor(Multiprocess):
             sock.close()
 
     def terminate_all(self) -> None:
+        if self._listen_until is None:  # stopping for another reason than a signal
+            self._stop_listening()
+            super().terminate_all()
+            return
+        time.sleep(max(0.0, self._listen_until - time.monotonic()))
         self._stop_listening()
-        super().terminate_all()
 
 
 def _serve_workers(settings: Settings, database_url: str) -> int:
@@ -130,7 +169,9 @@ def _serve_workers(settings: Settings, database_url: str) -> int:
     os.environ[MULTIPROCESS_DIR_VARIABLE] = metrics_dir
     try:
         config = _uvicorn_config(settings, "enrollment_service.__main__:worker_app")
-        supervisor = _Supervisor(config, sockets=[config.bind_socket()])
+        supervisor = _Supervisor(
+            config, sockets=[config.bind_socket()], shutdown_delay=settings.shutdown_delay
+        )
         log.info("serving with %d worker processes", settings.workers)
         supervisor.run()
     finally:

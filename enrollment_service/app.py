@@ -36,14 +36,29 @@ class Service(RequestObserver):
         super().__init__(litestar, metrics, settings.api_tokens)
         self.litestar = litestar
         self.settings = settings
+        self._draining = False
 
-    def begin_shutdown(self, grace_seconds: float) -> None:
-        """Called when SIGTERM (or SIGINT) arrives: /health/ready answers 503 from now on, and
-        every statement, running or yet to come, gets `grace_seconds` to finish (then 503)."""
+    def announce_shutdown(self, delay_seconds: float) -> None:
+        """The lame-duck step of a shutdown with SHUTDOWN_DELAY: /health/ready answers 503 from
+        now on, so the load balancer takes this replica out, while every connection and request
+        is still served as before; `begin_shutdown` follows after `delay_seconds`."""
         readiness: Readiness | None = getattr(self.litestar.state, "readiness", None)
         if readiness is None or readiness.draining:
             return
         readiness.draining = True
+        log.info(
+            "shutting down: readiness now answers 503; still serving for %gs before draining",
+            delay_seconds,
+        )
+
+    def begin_shutdown(self, grace_seconds: float) -> None:
+        """The drain: /health/ready answers 503 (if it did not already), the server stops
+        taking connections, and every statement, running or yet to come, gets
+        `grace_seconds` to finish (then 503)."""
+        readiness: Readiness | None = getattr(self.litestar.state, "readiness", None)
+        if readiness is None or self._draining:
+            return
+        self._draining = readiness.draining = True
         db: Database = self.litestar.state.db
         db.drain(grace_seconds)
         log.info("draining: readiness now answers 503; finishing in-flight requests")
