@@ -23,7 +23,12 @@ from uvicorn.supervisors import Multiprocess
 from enrollment_service import migrations
 from enrollment_service.app import Service, create_app
 from enrollment_service.observability import MULTIPROCESS_DIR_VARIABLE, configure_logging
-from enrollment_service.settings import Settings, SettingsError, load_settings
+from enrollment_service.settings import (
+    DEFAULT_CURSOR_SECRET,
+    Settings,
+    SettingsError,
+    load_settings,
+)
 
 log = logging.getLogger("enrollment_service")
 
@@ -182,6 +187,17 @@ def _serve_workers(settings: Settings, database_url: str) -> int:
     return 0
 
 
+def warn_about_unsafe_defaults(settings: Settings) -> None:
+    """Once at start-up: the defaults that suit `dev` but not a service others can reach."""
+    if not settings.api_tokens:
+        log.warning("API_TOKENS is not set: every endpoint answers without authentication")
+    if settings.cursor_secret == DEFAULT_CURSOR_SECRET:
+        log.warning(
+            "CURSOR_SECRET is the built-in value: anyone can forge pagination cursors; "
+            "set the same secret on every replica"
+        )
+
+
 def migrate(settings: Settings) -> int:
     url = settings.migrations_url
     if url is None:
@@ -224,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         # `dev` is read by a person: readable logs unless LOG_FORMAT says otherwise.
-        settings = load_settings(defaults={"log_format": "text"} if args.command == "dev" else {})
+        # `dev` is for the person at this machine: listen on loopback unless HOST says otherwise.
+        dev_defaults = {"log_format": "text", "host": "127.0.0.1"}
+        settings = load_settings(defaults=dev_defaults if args.command == "dev" else {})
     except SettingsError as error:
         print(f"enrollment-service: {error}", file=sys.stderr)
         return 2
@@ -236,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         if settings.database_url is None:
             print("enrollment-service: DATABASE_URL: must be set to serve", file=sys.stderr)
             return 2
+        warn_about_unsafe_defaults(settings)
         return serve(settings, settings.database_url)
     return dev(settings)
 

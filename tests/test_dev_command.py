@@ -18,7 +18,8 @@ from tests.ops_support import free_port
 
 def _start_dev(data_dir: Path, port: int) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if "DATABASE_URL" not in k}
-    env.update({"PORT": str(port), "HOST": "127.0.0.1", "DATA_DIR": str(data_dir)})
+    env.pop("HOST", None)  # dev's own default: loopback only
+    env.update({"PORT": str(port), "DATA_DIR": str(data_dir)})
     return subprocess.Popen(
         [sys.executable, "-m", "enrollment_service", "dev"],
         env=env,
@@ -43,6 +44,18 @@ def _wait_ready(base: str, process: subprocess.Popen[str]) -> None:
     raise AssertionError(f"dev server never became ready: {process.communicate()[0]}")
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses a TCP socket listens on at `port`, from the kernel's own table."""
+    addresses = set()
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        for line in table.read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                addresses.add(address)
+    return addresses
+
+
 def _interrupt(process: subprocess.Popen[str]) -> str:
     """Ctrl-C in a terminal: SIGINT to the whole foreground process group."""
     os.killpg(process.pid, signal.SIGINT)
@@ -59,6 +72,8 @@ def test_dev_serves_on_embedded_postgres_keeps_data_and_stops_on_ctrl_c(tmp_path
     process = _start_dev(data_dir, port)
     try:
         _wait_ready(base, process)
+        # 127.0.0.1 only, as the kernel stores it (little-endian hex): not 0.0.0.0 or ::.
+        assert _listening_addresses(port) == {"0100007F"}
         created = httpx.post(f"{base}/students", json={"name": "Ada", "email": "ada@example.org"})
         assert created.status_code == 201
     finally:
