@@ -20,15 +20,21 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Dependencies first, each checked against its hash: this layer is rebuilt only when the lock is.
-COPY requirements/prod.lock requirements/prod.lock
+COPY requirements/prod.lock requirements/build.lock requirements/
 RUN pip install --require-hashes --no-deps -r requirements/prod.lock
+# The build backend, hash-pinned, in a virtualenv of its own (it does not ship in the image):
+# pip's build isolation would fetch whatever hatchling is newest, unchecked.
+RUN python -m venv /opt/build \
+ && /opt/build/bin/pip install --require-hashes --no-deps -r requirements/build.lock
 COPY pyproject.toml README.md ./
 COPY enrollment_service enrollment_service
 COPY sql sql
 COPY migrations migrations
 # The package itself (its sql/ and migrations/ go inside it); pip check proves the lock held
 # everything it needs.
-RUN pip install --no-deps . && pip check
+RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/wheel . \
+ && pip install --no-deps /tmp/wheel/*.whl \
+ && pip check
 
 FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 enrollment \

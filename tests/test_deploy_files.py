@@ -192,7 +192,10 @@ def test_compose_gates_the_api_on_a_healthy_postgres_and_a_finished_migration(
     assert name in compose["volumes"], "a named volume"
     # 18+ images keep PGDATA under /var/lib/postgresql/<major>/docker; older under .../data.
     assert target == ("/var/lib/postgresql" if major >= 18 else "/var/lib/postgresql/data")
-    assert "pg_isready" in postgres["healthcheck"]["test"]
+    check = postgres["healthcheck"]["test"]
+    assert "pg_isready" in check
+    # TCP, not the socket: the image's first-initialisation server listens on the socket only.
+    assert check[check.index("-h") + 1] == "127.0.0.1"
 
     migrate = services["migrate"]
     assert migrate["command"] == ["enrollment-service", "migrate"]
@@ -207,7 +210,7 @@ def test_compose_gates_the_api_on_a_healthy_postgres_and_a_finished_migration(
         "migrate": {"condition": "service_completed_successfully"},
     }
     assert "/health/ready" in " ".join(api["healthcheck"]["test"])
-    assert api["ports"] == ["8000:8000"], "the API on localhost:8000"
+    assert api["ports"] == ["127.0.0.1:8000:8000"], "the API on this host's loopback only"
     assert _url_host(api["environment"]["DATABASE_URL"]) == "postgres:5432"
     # The app services run the image this repository's Dockerfile builds.
     for service in ("migrate", "api"):
@@ -216,11 +219,22 @@ def test_compose_gates_the_api_on_a_healthy_postgres_and_a_finished_migration(
 
 def test_compose_passes_every_setting_with_the_service_defaults(compose: dict[str, Any]) -> None:
     environment = {k: str(v) for k, v in compose["services"]["api"]["environment"].items()}
-    # DATA_DIR is only for `dev`; MIGRATIONS_DATABASE_URL belongs to the migrate service.
-    expected = SERVICE_VARIABLES - {"DATA_DIR", "MIGRATIONS_DATABASE_URL"}
+    # DATA_DIR is only for `dev`; the MIGRATE* ones belong to the migrate service.
+    expected = SERVICE_VARIABLES - {
+        "DATA_DIR",
+        "MIGRATIONS_DATABASE_URL",
+        "MIGRATE_CONNECT_TIMEOUT",
+    }
     assert set(environment) == expected
     as_composed = load_settings(environ=environment)
-    built_in = load_settings(environ={"DATABASE_URL": environment["DATABASE_URL"]})
+    # The one deliberate difference: behind a load balancer, a lame-duck delay before draining.
+    assert as_composed.shutdown_delay > 0
+    built_in = load_settings(
+        environ={
+            "DATABASE_URL": environment["DATABASE_URL"],
+            "SHUTDOWN_DELAY": environment["SHUTDOWN_DELAY"],
+        }
+    )
     assert as_composed == built_in
 
 
@@ -229,9 +243,11 @@ def test_compose_waits_longer_than_the_drain_before_killing_the_api(
 ) -> None:
     for name in ("api", "api-pgbouncer"):
         service = compose["services"][name]
+        delay = float(service["environment"]["SHUTDOWN_DELAY"])
         grace = float(service["environment"]["SHUTDOWN_GRACE_PERIOD"])
-        # The drain is the grace period plus the server's last-resort second (__main__.serve).
-        assert _duration_seconds(service["stop_grace_period"]) > grace + 1
+        # The lame-duck delay, then the drain: the grace period plus the server's last-resort
+        # second (__main__.serve), plus time for the pool to close.
+        assert _duration_seconds(service["stop_grace_period"]) >= delay + grace + 1 + 3
 
 
 def test_compose_offers_pgbouncer_as_an_opt_in_profile(compose: dict[str, Any]) -> None:
@@ -257,7 +273,7 @@ def test_compose_offers_pgbouncer_as_an_opt_in_profile(compose: dict[str, Any]) 
         "pgbouncer": {"condition": "service_healthy"},
         "migrate": {"condition": "service_completed_successfully"},
     }
-    assert pooled["ports"] == ["8001:8000"]
+    assert pooled["ports"] == ["127.0.0.1:8001:8000"]
     # Migrations never go through PgBouncer.
     assert _url_host(services["migrate"]["environment"]["MIGRATIONS_DATABASE_URL"]) != (
         f"pgbouncer:{port}"
@@ -284,6 +300,9 @@ def test_dockerfile_builds_from_the_lock_onto_a_slim_python(stages: list[Stage])
     assert "--require-hashes" in installs
     assert "requirements/prod.lock" in installs
     assert "pip check" in installs
+    # The build backend too comes hash-pinned, never fetched by build isolation.
+    assert "requirements/build.lock" in installs
+    assert "--no-build-isolation" in installs
     # Only the built virtualenv reaches the runtime stage.
     assert all(copy.startswith(f"--from={build.name}") for copy in runtime.all("COPY"))
 
@@ -355,6 +374,17 @@ def test_dockerignore_sends_what_the_image_copies_and_nothing_private(stages: li
         assert _ignored(private, patterns), private
     assert _ignored("enrollment_service/__pycache__/app.cpython-311.pyc", patterns)
     assert not _ignored("enrollment_service/app.py", patterns)
+
+
+def test_the_build_lock_pins_the_build_backend_pyproject_names() -> None:
+    """tasks.py and the Dockerfile install the project without build isolation, from this lock."""
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["build-system"][
+        "requires"
+    ]
+    lock = (ROOT / "requirements" / "build.lock").read_text(encoding="utf-8")
+    for requirement in requires:
+        assert re.search(rf"^{re.escape(requirement)} \\$", lock, re.M), requirement
+    assert "--hash=sha256:" in lock
 
 
 def test_the_lock_holds_every_runtime_dependency() -> None:
@@ -441,10 +471,11 @@ def test_the_documented_compose_commands_name_what_the_files_define(
     assert any(c and c[0] == "up" for c in commands), f"{document.name} shows docker compose up"
     for command in commands:
         _check_compose_command(command, compose)
+    # "address:host port:container port"
     published = {
-        int(p.split(":")[0]) for s in compose["services"].values() for p in s.get("ports", [])
+        int(p.split(":")[-2]) for s in compose["services"].values() for p in s.get("ports", [])
     }
-    api_port = int(compose["services"]["api"]["ports"][0].split(":")[0])
+    api_port = int(compose["services"]["api"]["ports"][0].split(":")[-2])
     assert f"localhost:{api_port}" in text
     for port in re.findall(r"localhost:(\d+)", text):
         if int(port) in (8000, 8001):
