@@ -19,7 +19,7 @@ from enrollment_service.enrollments import EnrollmentController, RosterControlle
 from enrollment_service.health import HealthController, Readiness
 from enrollment_service.observability import Metrics, RequestObserver
 from enrollment_service.pagination import Cursors, Pages
-from enrollment_service.problems import handle_exception
+from enrollment_service.problems import documented, handle_exception
 from enrollment_service.settings import Settings
 from enrollment_service.students import StudentController
 from enrollment_service.validation import TYPE_DECODERS
@@ -64,7 +64,14 @@ class Service(RequestObserver):
         log.info("draining: readiness now answers 503; finishing in-flight requests")
 
 
-@get("/metrics", include_in_schema=False, sync_to_thread=False)
+@get(
+    "/metrics",
+    sync_to_thread=False,
+    tags=["operations"],
+    summary="Prometheus text exposition of the service's metrics",
+    media_type="text/plain; version=0.0.4",
+    responses=documented(),
+)
 def metrics_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
     metrics: Metrics = request.app.state.metrics
     return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
@@ -80,7 +87,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Service:
         db = await open_database(settings, url)
         app.state.db = db
         app.state.pages = Pages(db, Cursors(settings.cursor_secret))
-        app.state.readiness = readiness = Readiness(db, settings, url)
+        app.state.readiness = readiness = Readiness(settings, url)
         log.info("pool open (min %d, max %d)", settings.pool_min_size, settings.pool_max_size)
         try:
             yield

@@ -113,9 +113,12 @@ async def test_an_exhausted_pool_answers_503_within_the_acquire_timeout_and_reco
             assert live.response is not None
             assert live.response.status_code == 200
             assert live.seconds < answer_bound(ACQUIRE_TIMEOUT)
+            # Busy is not dead: readiness has a connection of its own, so the load balancer
+            # does not move this replica's load onto the others.
             ready = await timed(client, "GET", "/health/ready")
             assert ready.response is not None
-            assert_problem(ready.response, 503, "not-ready")
+            assert ready.response.status_code == 200, ready.response.text
+            assert ready.seconds < answer_bound(ACQUIRE_TIMEOUT)
             assert f"db_pool_in_use {pool_size:.1f}" in (await client.get("/metrics")).text
 
             await lock.release()
