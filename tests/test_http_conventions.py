@@ -163,6 +163,7 @@ async def test_the_openapi_document_declares_every_path_and_problem_response(
         "/courses/{course_id}/students": {"get"},
         "/health/live": {"get"},
         "/health/ready": {"get"},
+        "/metrics": {"get"},
     }
     for path, methods in expected.items():
         assert set(document["paths"][path]) >= methods, path
@@ -170,6 +171,8 @@ async def test_the_openapi_document_declares_every_path_and_problem_response(
     assert {"201", "400", "404", "409", "415", "503"} <= set(enroll["responses"])
     assert "application/problem+json" in enroll["responses"]["409"]["content"]
     assert enroll["requestBody"]["content"]["application/json"]["schema"]
+    metrics = document["paths"]["/metrics"]["get"]["responses"]
+    assert "text/plain; version=0.0.4" in metrics["200"]["content"]
 
 
 @pytest.fixture
@@ -212,11 +215,14 @@ async def test_data_endpoints_answer_503_not_ready_while_migrations_are_pending(
             body = assert_problem(ready, 503, "not-ready")
             assert body["checks"] == {
                 "database": "ok",
-                "migrations": "pending: 0002.student-courses",
+                "migrations": "pending: 0002.student-courses, 0003.validate-course-constraints",
             }
             assert "migrations" in body["detail"]
             gated = assert_problem(await client.get("/students"), 503, "not-ready")
-            assert gated["checks"]["migrations"] == "pending: 0002.student-courses"
+            assert (
+                gated["checks"]["migrations"]
+                == "pending: 0002.student-courses, 0003.validate-course-constraints"
+            )
             enroll = await client.post("/students/1/courses", json={"course_id": 1})
             assert_problem(enroll, 503, "not-ready")
             # Before validation too: callers see one answer while the schema is behind.
@@ -240,7 +246,8 @@ async def test_readiness_before_any_migration_names_them_all(
         async with httpx.AsyncClient(transport=transport, base_url="http://e") as client:
             body = assert_problem(await client.get("/health/ready"), 503, "not-ready")
             assert body["checks"]["migrations"] == (
-                "pending: 0001.students-and-courses, 0002.student-courses"
+                "pending: 0001.students-and-courses, 0002.student-courses, "
+                "0003.validate-course-constraints"
             )
             service.begin_shutdown(grace_seconds=5)
             draining = assert_problem(await client.get("/health/ready"), 503, "not-ready")

@@ -9,12 +9,15 @@ import subprocess
 import sys
 
 import asyncpg
+import psycopg
 import pytest
 
 from enrollment_service import migrations
 from tests.conftest import DatabaseFactory
 
 FIRST, SECOND = "0001.students-and-courses", "0002.student-courses"
+THIRD = "0003.validate-course-constraints"
+COURSE_CONSTRAINTS = ("courses_enrolled_within_capacity", "courses_enrolled_count_nonnegative")
 
 
 @pytest.fixture
@@ -51,8 +54,67 @@ async def _apply(url: str, target: str | None = None) -> list[str]:
     return await asyncio.to_thread(migrations.apply, url, target=target)
 
 
+async def _validated(url: str) -> dict[str, bool]:
+    """courses' enrollment constraints, and whether PostgreSQL has checked every row."""
+    rows = await _rows(
+        url,
+        "select conname, convalidated from pg_constraint"
+        " where conrelid = 'courses'::regclass and conname = any($1::text[])",
+        list(COURSE_CONSTRAINTS),
+    )
+    return {str(name): bool(valid) for name, valid in rows}
+
+
+async def _counts(url: str) -> dict[str, tuple[int, int]]:
+    """Each course's code -> (enrolled_count, the enrollments actually there)."""
+    rows = await _rows(
+        url,
+        "select c.code, c.enrolled_count, count(sc.student_id) from courses c"
+        " left join student_courses sc on sc.course_id = c.id group by c.id order by c.code",
+    )
+    return {str(code): (int(str(kept)), int(str(true))) for code, kept, true in rows}
+
+
+async def _older_deployment(url: str, courses: dict[str, tuple[int | None, int]]) -> None:
+    """0001 applied, and student_courses made by hand as an older deployment had it (no
+    enrolled_count, no triggers), holding rows: `courses` maps each code to (capacity, how many
+    of the students s0, s1, s2 are enrolled in it)."""
+    assert await _apply(url, target=FIRST) == [FIRST]
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            """
+            create table student_courses (
+                student_id  bigint not null references students (id) on delete cascade,
+                course_id   bigint not null references courses (id) on delete cascade,
+                enrolled_at timestamptz not null default now(),
+                primary key (student_id, course_id)
+            )
+            """
+        )
+        students = [
+            await conn.fetchval(
+                "insert into students (name, email) values ($1, $2) returning id",
+                f"Student {n}",
+                f"s{n}@example.org",
+            )
+            for n in range(3)
+        ]
+        for code, (capacity, enrolled) in courses.items():
+            course = await conn.fetchval(
+                "insert into courses (code, name, level, capacity) values ($1, $1, 'x', $2)"
+                " returning id",
+                code,
+                capacity,
+            )
+            for student in students[:enrolled]:
+                await conn.execute("insert into student_courses values ($1, $2)", student, course)
+    finally:
+        await conn.close()
+
+
 async def test_migration_ids_are_in_dependency_order() -> None:
-    assert migrations.migration_ids() == [FIRST, SECOND]
+    assert migrations.migration_ids() == [FIRST, SECOND, THIRD]
 
 
 async def test_second_migration_keeps_existing_rows_and_adds_the_join_table(
@@ -76,7 +138,7 @@ async def test_second_migration_keeps_existing_rows_and_adds_the_join_table(
     finally:
         await conn.close()
 
-    assert await _apply(empty_database) == [SECOND]
+    assert await _apply(empty_database) == [SECOND, THIRD]
 
     conn = await asyncpg.connect(empty_database)
     try:
@@ -105,6 +167,7 @@ async def test_second_migration_keeps_existing_rows_and_adds_the_join_table(
         "where table_name = 'student_courses' and column_name = 'enrolled_at'",
     )
     assert enrolled_at == [("NO", "now()")]
+    assert await _validated(empty_database) == dict.fromkeys(COURSE_CONSTRAINTS, True)
 
 
 async def test_rolling_back_the_second_migration_removes_only_student_courses(
@@ -134,8 +197,10 @@ async def test_rolling_back_the_second_migration_removes_only_student_courses(
         assert await conn.fetchval("select count(*) from courses") == 1
     finally:
         await conn.close()
+    assert set(await _constraints(empty_database, "courses")).isdisjoint(COURSE_CONSTRAINTS)
 
-    assert await _apply(empty_database) == [SECOND]
+    # Rolling back 0002 rolled back 0003, which depends on it: both apply again.
+    assert await _apply(empty_database) == [SECOND, THIRD]
     assert "student_courses" in await _tables(empty_database)
     assert await _apply(empty_database) == []
 
@@ -163,7 +228,7 @@ async def test_three_concurrent_migrate_commands_apply_each_migration_once(
         "select migration_id, count(*) from _yoyo_log where operation = 'apply' "
         "group by migration_id order by migration_id",
     )
-    assert applied == [(FIRST, 1), (SECOND, 1)]
+    assert applied == [(FIRST, 1), (SECOND, 1), (THIRD, 1)]
     assert await _rows(empty_database, "select count(*) from yoyo_lock") == [(0,)]
 
 
@@ -173,7 +238,7 @@ async def test_migrate_twice_in_a_row_is_a_no_op(empty_database: str) -> None:
         output, _ = await asyncio.to_thread(process.communicate, timeout=120)
         assert process.returncode == 0, output
     rows = await _rows(empty_database, "select count(*) from _yoyo_log where operation = 'apply'")
-    assert rows == [(2,)]
+    assert rows == [(3,)]
 
 
 async def test_migrate_without_a_database_url_fails_with_a_clear_message() -> None:
@@ -193,3 +258,72 @@ async def test_migrate_without_a_database_url_fails_with_a_clear_message() -> No
 async def test_an_unknown_migration_target_is_refused(empty_database: str) -> None:
     with pytest.raises(migrations.MigrationError, match="no migration named"):
         await _apply(empty_database, target="9999.nope")
+
+
+async def test_enrollments_an_older_deployment_already_has_are_counted(
+    empty_database: str,
+) -> None:
+    await _older_deployment(empty_database, {"CS101": (30, 3), "MA201": (None, 1), "EMPTY": (5, 0)})
+
+    assert await _apply(empty_database) == [SECOND, THIRD]
+
+    assert await _counts(empty_database) == {"CS101": (3, 3), "EMPTY": (0, 0), "MA201": (1, 1)}
+    assert await _validated(empty_database) == dict.fromkeys(COURSE_CONSTRAINTS, True)
+    # From now on the triggers keep the count.
+    conn = await asyncpg.connect(empty_database)
+    try:
+        await conn.execute(
+            "insert into student_courses select s.id, c.id from students s, courses c"
+            " where s.email = 's0@example.org' and c.code = 'EMPTY'"
+        )
+    finally:
+        await conn.close()
+    assert (await _counts(empty_database))["EMPTY"] == (1, 1)
+
+
+async def test_an_older_deployment_with_an_over_full_course_stops_at_the_validation(
+    empty_database: str,
+) -> None:
+    await _older_deployment(empty_database, {"CS101": (2, 3)})
+
+    with pytest.raises(psycopg.errors.CheckViolation) as raised:
+        await _apply(empty_database)
+
+    assert raised.value.diag.constraint_name == "courses_enrolled_within_capacity"
+    # 0002 is applied (the count is true, and further enrollments are refused); 0003 waits
+    # for someone to fix the course and run migrate again.
+    assert await _counts(empty_database) == {"CS101": (3, 3)}
+    applied = await _rows(empty_database, "select migration_id from _yoyo_migration order by 1")
+    assert applied == [(FIRST,), (SECOND,)]
+    assert await _validated(empty_database) == dict.fromkeys(COURSE_CONSTRAINTS, False)
+
+
+async def test_running_the_second_migration_again_is_harmless(empty_database: str) -> None:
+    await _older_deployment(empty_database, {"CS101": (30, 3), "MA201": (None, 1)})
+    await _apply(empty_database)
+    conn = await asyncpg.connect(empty_database)
+    try:
+        # A count gone wrong (as a crash between 0002's commit and yoyo marking it applied
+        # cannot cause, but a hand edit could): the re-run must put it right.
+        await conn.execute("update courses set enrolled_count = 0 where code = 'CS101'")
+        enrollments_before = await conn.fetch("select * from student_courses order by 1, 2")
+
+        await conn.execute((migrations.MIGRATIONS_DIR / f"{SECOND}.sql").read_text())
+
+        assert await conn.fetch("select * from student_courses order by 1, 2") == (
+            enrollments_before
+        )
+        await conn.execute(
+            "insert into student_courses select s.id, c.id from students s, courses c"
+            " where s.email = 's1@example.org' and c.code = 'MA201'"
+        )
+        triggers = await conn.fetchval(
+            "select count(*) from pg_trigger where tgrelid = 'student_courses'::regclass"
+            " and not tgisinternal"
+        )
+    finally:
+        await conn.close()
+    assert await _counts(empty_database) == {"CS101": (3, 3), "MA201": (2, 2)}
+    assert triggers == 2
+    # Validated constraints stay validated: 0003 will not run again to validate them.
+    assert await _validated(empty_database) == dict.fromkeys(COURSE_CONSTRAINTS, True)

@@ -1,0 +1,2 @@
+-- Nothing to undo: validating changed no schema (the constraints belong to 0002, and its
+-- rollback drops them).
