@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -57,6 +58,31 @@ class DatabaseUnavailable(Exception):
     """PostgreSQL could not be reached, timed out, or kept failing a retryable statement."""
 
 
+class DatabaseEvents(Protocol):
+    """What the Database tells whoever watches it (the metrics): called on the request path,
+    so each must be cheap."""
+
+    def retried(self, error: str) -> None:
+        """A statement failed with `error` (a RETRYABLE_ERRORS class name) and runs again."""
+
+    def gave_up(self) -> None:
+        """A statement failed its last attempt with a retryable error."""
+
+    def acquire_waited(self, seconds: float) -> None:
+        """A statement waited `seconds` for a pooled connection (got one or not)."""
+
+
+class _Unwatched:
+    def retried(self, error: str) -> None:
+        pass
+
+    def gave_up(self) -> None:
+        pass
+
+    def acquire_waited(self, seconds: float) -> None:
+        pass
+
+
 @dataclass(frozen=True, slots=True)
 class Query:
     """One statement from one file of `sql/`, named by its path (e.g. `students/create`).
@@ -88,6 +114,8 @@ class Database:
     def __init__(self, pool: asyncpg.Pool, acquire_timeout: float) -> None:
         self.pool = pool
         self.acquire_timeout = acquire_timeout
+        #: Told of retries and pool waits: the metrics set it once the app has started.
+        self.events: DatabaseEvents = _Unwatched()
         self._loop = asyncio.get_running_loop()
         # Set on shutdown: the loop time by which every statement must be done.
         self._deadline: float | None = None
@@ -131,7 +159,9 @@ class Database:
             except RETRYABLE_ERRORS as error:
                 if attempt == RETRY_ATTEMPTS:
                     log.warning("gave up after %d attempts: %s", attempt, type(error).__name__)
+                    self.events.gave_up()
                     raise DatabaseUnavailable(type(error).__name__) from error
+                self.events.retried(type(error).__name__)
                 await asyncio.sleep(0.005 * 2**attempt)
             except (*UNAVAILABLE_ERRORS, *BROKEN_CONNECTION_ERRORS) as error:
                 raise DatabaseUnavailable(type(error).__name__) from error
@@ -139,8 +169,12 @@ class Database:
 
     async def _once(self, work: Callable[[PoolConnectionProxy], Awaitable[T]]) -> T:
         # asyncio.timeout, not acquire(timeout=): that one runs the wait as a task of its own.
-        async with asyncio.timeout(self.acquire_timeout):
-            conn = await self.pool.acquire()
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.acquire_timeout):
+                conn = await self.pool.acquire()
+        finally:
+            self.events.acquire_waited(time.perf_counter() - started)
         try:
             result = await work(conn)
         except BROKEN_CONNECTION_ERRORS:

@@ -3,10 +3,14 @@ line, and the Prometheus metrics that /metrics exposes."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import hmac
+import importlib.metadata
 import logging
 import os
+import platform
 import re
 import secrets
 import sys
@@ -15,11 +19,21 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
+from enrollment_service.db import RETRY_ATTEMPTS, RETRYABLE_ERRORS, Database
 from enrollment_service.problems import PROBLEM_MEDIA_TYPE, Unauthorized, problem_document
 from enrollment_service.settings import ApiToken
 
@@ -131,61 +145,234 @@ def configure_logging(level: str, log_format: str) -> None:
 
 # --- Metrics -------------------------------------------------------------------------------
 
+#: How often each worker writes its pool's state for the scrapes other workers answer.
+POOL_GAUGES_REFRESH_SECONDS = 1.0
+
+_POOL_GAUGES = (
+    ("enrollment_db_pool_size_connections", "Connections open in the pool"),
+    ("enrollment_db_pool_in_use_connections", "Connections checked out of the pool"),
+    ("enrollment_db_pool_idle_connections", "Connections open and idle in the pool"),
+    ("enrollment_db_pool_max_connections", "The most connections the pool may open"),
+)
+_ACROSS_WORKERS = ", summed over the live worker processes"
+_THIS_WORKER = " (of the worker process that answered this scrape, named by the pid label)"
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
+
+
+def _pool_readings(db: Database) -> tuple[int, int, int, int]:
+    """size, in use, idle, max: what _POOL_GAUGES report, in that order."""
+    size = db.pool.get_size()
+    idle = db.pool.get_idle_size()
+    return size, size - idle, idle, db.pool.get_max_size()
+
 
 class _PoolCollector(Collector):
+    """The pool gauges of a single process, read from the pool at scrape time."""
+
     def __init__(self, app_state: Any) -> None:
         self._state = app_state
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        db = getattr(self._state, "db", None)
+        db: Database | None = getattr(self._state, "db", None)
         if db is None:
             return
-        size = db.pool.get_size()
-        idle = db.pool.get_idle_size()
-        yield GaugeMetricFamily("db_pool_size", "Connections open in the pool", value=size)
-        yield GaugeMetricFamily(
-            "db_pool_in_use", "Connections checked out of the pool", value=size - idle
+        for (name, documentation), value in zip(_POOL_GAUGES, _pool_readings(db), strict=True):
+            yield GaugeMetricFamily(name, documentation, value=value)
+
+
+class _BuildInfo(Collector):
+    def __init__(self) -> None:
+        try:
+            version = importlib.metadata.version("enrollment-service")
+        except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run uninstalled
+            version = "unknown"
+        family = GaugeMetricFamily(
+            "enrollment_build_info",
+            "The running build: the package version and the Python version; always 1",
+            labels=["version", "python"],
         )
-        yield GaugeMetricFamily(
-            "db_pool_max_size", "The pool's maximum size", value=db.pool.get_max_size()
+        family.add_metric([version, platform.python_version()], 1)
+        self._families = [family]
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+class _ProcessCollector(Collector):
+    """The process's resources (prometheus_client's standard process_* names: RSS, CPU seconds,
+    open fds, start time) and its garbage collections (python_gc_*).
+
+    Under several workers a scrape reaches just one of them and these can only be its own: they
+    then carry a `pid` label, so that each worker's counters stay one monotonic series (a series
+    that jumped from worker to worker would look like a counter reset at every scrape)."""
+
+    def __init__(self, label_pid: bool) -> None:
+        self._process = ProcessCollector(registry=None)
+        # GCCollector registers itself where it is told; this registry only keeps it quiet.
+        self._gc = GCCollector(registry=CollectorRegistry())
+        self._label_pid = label_pid
+
+    def collect(self) -> Iterable[Metric]:
+        families = [*self._process.collect(), *self._gc.collect()]
+        if not self._label_pid:
+            yield from families
+            return
+        pid = str(os.getpid())
+        for family in families:
+            labelled = Metric(family.name, family.documentation + _THIS_WORKER, family.type)
+            for sample in family.samples:
+                labels = {**sample.labels, "pid": pid}
+                labelled.add_sample(sample.name, labels, sample.value, sample.timestamp)
+            yield labelled
+
+
+class DatabaseMetrics:
+    """The DatabaseEvents the Database reports: statement retries, give-ups, pool waits."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._retries = Counter(
+            "enrollment_db_retries",
+            "Statements run again after a deadlock or serialization failure, by error class",
+            ["error"],
+            registry=registry,
         )
+        # Every retryable error's series exists from the start, at 0.
+        self._retries_by_error = {
+            error.__name__: self._retries.labels(error.__name__) for error in RETRYABLE_ERRORS
+        }
+        self._give_ups = Counter(
+            "enrollment_db_retry_give_ups",
+            f"Statements that failed all {RETRY_ATTEMPTS} attempts with a retryable error "
+            "(answered 503 database-unavailable)",
+            registry=registry,
+        )
+        self._acquire_wait = Histogram(
+            "enrollment_db_pool_acquire_wait_seconds",
+            "Time a statement waited for a pooled connection, including waits that timed out "
+            "or failed to connect",
+            registry=registry,
+            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2),
+        )
+
+    def retried(self, error: str) -> None:
+        child = self._retries_by_error.get(error)
+        if child is None:
+            child = self._retries_by_error[error] = self._retries.labels(error)
+        child.inc()
+
+    def gave_up(self) -> None:
+        self._give_ups.inc()
+
+    def acquire_waited(self, seconds: float) -> None:
+        self._acquire_wait.observe(seconds)
+
+
+class _WorkersFiles(Collector):
+    """Every worker's metric files, added up as prometheus_client's MultiProcessCollector does,
+    but without the empty ones: a starting worker creates each file empty and sizes it next, and
+    MultiProcessCollector, reading one in between, fails the whole scrape."""
+
+    def __init__(self, directory: str) -> None:
+        self._directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for entry in os.scandir(self._directory):
+            with contextlib.suppress(FileNotFoundError):  # a dead worker's, just forgotten
+                if entry.name.endswith(".db") and entry.stat().st_size > 0:
+                    files.append(entry.path)
+        metrics: Iterable[Metric] = MultiProcessCollector.merge(files)  # type: ignore[no-untyped-call]
+        return metrics
+
+
+def _forget_dead_workers(directory: str) -> None:
+    """A worker that has died must leave the "live" gauges: prometheus_client counts on whoever
+    runs the workers to call mark_process_dead, and uvicorn's supervisor does not."""
+    for name in os.listdir(directory):
+        match = _LIVE_GAUGE_FILE.fullmatch(name)
+        if match is None:
+            continue
+        pid = int(match[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):  # another worker was quicker
+                mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+        except PermissionError:  # alive, under another user
+            pass
 
 
 class Metrics:
-    """One registry per app, so that several apps in one process (the tests) never collide."""
+    """One registry per app, so that several apps in one process (the tests) never collide.
+
+    Under several worker processes (`serve` with WORKERS > 1 sets PROMETHEUS_MULTIPROC_DIR for
+    them) the counters and histograms are every worker's, summed from the files
+    prometheus_client keeps per process; the pool gauges are summed over the live workers, each
+    writing its own every POOL_GAUGES_REFRESH_SECONDS (and the answering one at the scrape)."""
 
     def __init__(self, app_state: Any) -> None:
+        self._state = app_state
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "http_requests",
-            "HTTP requests answered",
+            "enrollment_http_requests",
+            "HTTP requests answered, by route template and status (not /health/*, /metrics)",
             ["method", "route", "status"],
             registry=self.registry,
         )
         self.latency = Histogram(
-            "http_request_duration_seconds",
+            "enrollment_http_request_duration_seconds",
             "Time to answer, by route template and status",
             ["method", "route", "status"],
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
-        self._pool = _PoolCollector(app_state)
-        self.registry.register(self._pool)
+        unavailable = Counter(
+            "enrollment_http_unavailable_responses",
+            "503 responses by cause (the problem's slug), health probes excepted",
+            ["cause"],
+            registry=self.registry,
+        )
+        self._unavailable = {
+            cause: unavailable.labels(cause) for cause in ("database-unavailable", "not-ready")
+        }
+        self._unavailable_counter = unavailable
+        self.database = DatabaseMetrics(self.registry)
         # Labelled children by (method, route template, status): a bounded set, looked up once.
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
+        self._multiprocess_dir = os.environ.get(MULTIPROCESS_DIR_VARIABLE) or None
+        runtime: list[Collector] = [
+            _BuildInfo(),
+            PlatformCollector(registry=None),
+            _ProcessCollector(label_pid=self._multiprocess_dir is not None),
+        ]
+        self._pool_gauges: tuple[Gauge, ...] = ()
+        self._pool_refresh: asyncio.Task[None] | None = None
+        if self._multiprocess_dir is None:
+            self._exposed = self.registry
+            for collector in (_PoolCollector(app_state), *runtime):
+                self.registry.register(collector)
+        else:
+            self._exposed = CollectorRegistry()
+            self._exposed.register(_WorkersFiles(self._multiprocess_dir))
+            for collector in runtime:
+                self._exposed.register(collector)
+            self._pool_gauges = tuple(
+                Gauge(
+                    name,
+                    documentation + _ACROSS_WORKERS,
+                    multiprocess_mode="livesum",
+                    registry=None,
+                )
+                for name, documentation in _POOL_GAUGES
+            )
+
     def exposition(self) -> bytes:
-        """What /metrics answers. Under several worker processes (`serve` with WORKERS > 1 sets
-        PROMETHEUS_MULTIPROC_DIR for them) the request metrics are every worker's, summed from
-        the files prometheus_client keeps per process; the pool gauges are the answering
-        worker's."""
-        directory = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
-        if not directory:
-            return generate_latest(self.registry)
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-        registry.register(self._pool)
-        return generate_latest(registry)
+        """What /metrics answers."""
+        if self._multiprocess_dir is not None:
+            self._write_pool_gauges()
+            _forget_dead_workers(self._multiprocess_dir)
+        return generate_latest(self._exposed)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         children = self._children.get((method, route, status))
@@ -195,6 +382,47 @@ class Metrics:
             self._children[(method, route, status)] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def unavailable(self, route: str, cause: str) -> None:
+        """A 503 answered, `cause` its problem's slug. Health probes are not counted, as in the
+        request metrics: the causes then add up to enrollment_http_requests_total{status="503"}."""
+        if route.startswith("/health"):
+            return
+        child = self._unavailable.get(cause)
+        if child is None:
+            child = self._unavailable[cause] = self._unavailable_counter.labels(cause)
+        child.inc()
+
+    # The app's lifespan opens the pool before it reports startup.complete and closes it before
+    # it reports shutdown.complete: RequestObserver calls these then.
+
+    def start(self) -> None:
+        db: Database | None = getattr(self._state, "db", None)
+        if db is None:
+            return
+        db.events = self.database
+        if self._pool_gauges:
+            self._write_pool_gauges()
+            self._pool_refresh = asyncio.get_running_loop().create_task(self._refresh_pool())
+
+    def stop(self) -> None:
+        if self._pool_refresh is not None:
+            self._pool_refresh.cancel()
+            self._pool_refresh = None
+        for gauge in self._pool_gauges:  # the pool is closed
+            gauge.set(0)
+
+    def _write_pool_gauges(self) -> None:
+        db: Database | None = getattr(self._state, "db", None)
+        if db is None:
+            return
+        for gauge, value in zip(self._pool_gauges, _pool_readings(db), strict=True):
+            gauge.set(value)
+
+    async def _refresh_pool(self) -> None:
+        while True:
+            await asyncio.sleep(POOL_GAUGES_REFRESH_SECONDS)
+            self._write_pool_gauges()
 
 
 # --- The wrapper ---------------------------------------------------------------------------
@@ -234,8 +462,23 @@ class RequestObserver:
                 caller = name
         return caller
 
+    def _watching_lifespan(self, send: Send) -> Send:
+        """The metrics start watching the pool once the app has opened it, and stop once it has
+        closed it."""
+
+        async def send_and_watch(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                self.metrics.start()
+            elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                self.metrics.stop()
+            await send(message)
+
+        return send_and_watch
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                send = self._watching_lifespan(send)
             await self.app(scope, receive, send)
             return
         sent_id = _header(scope, b"x-request-id")

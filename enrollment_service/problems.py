@@ -3,7 +3,9 @@ and nowhere else."""
 
 from __future__ import annotations
 
+import http
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +18,7 @@ from litestar.exceptions import (
     ValidationException,
 )
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE
+from litestar.status_codes import HTTP_400_BAD_REQUEST, HTTP_413_REQUEST_ENTITY_TOO_LARGE
 
 from enrollment_service.db import DatabaseUnavailable
 
@@ -190,6 +192,62 @@ class PayloadTooLarge(DomainError):
     detail = "The request body exceeds 1 MiB"
 
 
+#: The contract's slug and title for the statuses it names; any other status is named after its
+#: HTTP reason phrase (429 "Too Many Requests" -> too-many-requests).
+_CONTRACT_NAMES = {
+    401: ("unauthorized", "Unauthorized"),
+    404: ("not-found", "Not found"),
+    405: ("method-not-allowed", "Method not allowed"),
+    413: ("payload-too-large", "Payload too large"),
+    415: ("unsupported-media-type", "Unsupported media type"),
+    500: (DomainError.slug, DomainError.title),
+}
+
+
+def _status_names(status: int) -> tuple[str, str]:
+    """A status's slug and title: the contract's, or else made from its reason phrase."""
+    if status in _CONTRACT_NAMES:
+        return _CONTRACT_NAMES[status]
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Client error" if status < 500 else "Server error"
+    slug = re.sub(r"[^a-z0-9]+", "-", phrase.lower()).strip("-")
+    first, *rest = phrase.split(" ")
+    # Sentence case like the contract's titles, keeping acronyms ("HTTP version not supported").
+    words = [word if word[1:].lower() != word[1:] else word.lower() for word in rest]
+    return slug, " ".join([first, *words])
+
+
+class HttpError(DomainError):
+    """A framework's HTTP error (403, 429, ...): its status, and its headers (Retry-After,
+    Allow), in a problem document. A 5xx says no more than its status."""
+
+    def __init__(
+        self, status: int, slug: str, title: str, message: str, headers: dict[str, str]
+    ) -> None:
+        super().__init__(message)
+        self.status, self.slug, self.title = status, slug, title
+        self.message = message
+        self.extra_headers = headers
+
+    @classmethod
+    def of(cls, exc: HTTPException) -> HttpError:
+        status = exc.status_code
+        slug, title = _status_names(status)
+        headers = dict(exc.headers or {})
+        if status == 401 and not any(name.lower() == "www-authenticate" for name in headers):
+            headers.update(Unauthorized().headers())
+        message = exc.detail if status < 500 else f"The service answered {status} {title}"
+        return cls(status, slug, title, message, headers)
+
+    def describe(self) -> str:
+        return self.message
+
+    def headers(self) -> dict[str, str]:
+        return self.extra_headers
+
+
 # --- Turning errors into responses. --------------------------------------------------------
 
 
@@ -227,20 +285,41 @@ def _from_framework(request: Request[Any, Any, Any], exc: Exception) -> DomainEr
         return RouteNotFound(request.url.path)
     if isinstance(exc, MethodNotAllowedException):
         return MethodNotAllowed(request.method, request.url.path)
-    if isinstance(exc, HTTPException) and exc.status_code == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
-        return PayloadTooLarge()
-    log.exception("unhandled error on %s %s", request.method, request.scope.get("path_template"))
+    if isinstance(exc, HTTPException) and 400 <= exc.status_code < 600:
+        status = exc.status_code
+        if status == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
+            return PayloadTooLarge()
+        if status == HTTP_400_BAD_REQUEST:
+            # The contract's every 400 is a validation-error (e.g. an invalid Host or
+            # Content-Length header, found by Litestar before any handler runs).
+            return ValidationFailed(_field_errors(request, exc, default_field="request"))
+        if status >= 500:
+            _log_unhandled(request)
+        return HttpError.of(exc)
+    _log_unhandled(request)
     return DomainError()
 
 
+def _log_unhandled(request: Request[Any, Any, Any]) -> None:
+    log.exception("unhandled error on %s %s", request.method, request.scope.get("path_template"))
+
+
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
-    response = problem_response(_from_framework(request, exc))
+    error = _from_framework(request, exc)
+    response = problem_response(error)
     if isinstance(exc, MethodNotAllowedException) and exc.headers:
         response.headers.update(exc.headers)
+    if error.status == 503:
+        # The metrics count 503s by cause (database-unavailable, not-ready, ...).
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            metrics.unavailable(request.scope.get("path_template") or "", error.slug)
     return response
 
 
-def _field_errors(request: Request[Any, Any, Any], exc: ValidationException) -> list[FieldError]:
+def _field_errors(
+    request: Request[Any, Any, Any], exc: HTTPException, default_field: str = "body"
+) -> list[FieldError]:
     errors: list[FieldError] = []
     extra = exc.extra if isinstance(exc.extra, list) else []
     for item in extra:
@@ -252,7 +331,7 @@ def _field_errors(request: Request[Any, Any, Any], exc: ValidationException) -> 
             continue
         errors.append(FieldError(key, _clean_message(str(item.get("message", "is invalid")))))
     if not errors:
-        errors.append(FieldError("body", _clean_message(exc.detail)))
+        errors.append(FieldError(default_field, _clean_message(exc.detail)))
     return errors
 
 

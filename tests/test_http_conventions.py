@@ -138,11 +138,14 @@ async def test_metrics_expose_requests_by_route_template_and_pool_gauges(
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
-    assert 'http_requests_total{method="GET",route="/students/{student_id}",status="200"}' in text
+    assert (
+        'enrollment_http_requests_total{method="GET",route="/students/{student_id}",status="200"}'
+        in text
+    )
     assert 'route="/students/{student_id}",status="404"' in text
-    assert "http_request_duration_seconds_bucket" in text
-    assert "db_pool_size" in text
-    assert "db_pool_in_use" in text
+    assert "enrollment_http_request_duration_seconds_bucket" in text
+    assert "enrollment_db_pool_size_connections" in text
+    assert "enrollment_db_pool_in_use_connections" in text
     assert f'/students/{student["id"]}"' not in text, "raw paths must not become series"
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from enrollment_service import migrations
 from enrollment_service.embedded import EmbeddedPostgres
-from tests.conftest import DatabaseFactory, ServeFactory, assert_problem
+from tests.conftest import DatabaseFactory, ServeFactory
 from tests.ops_support import (
     RowLock,
     answer_bound,
@@ -119,7 +119,8 @@ async def test_an_exhausted_pool_answers_503_within_the_acquire_timeout_and_reco
             assert ready.response is not None
             assert ready.response.status_code == 200, ready.response.text
             assert ready.seconds < answer_bound(ACQUIRE_TIMEOUT)
-            assert f"db_pool_in_use {pool_size:.1f}" in (await client.get("/metrics")).text
+            in_use = "enrollment_db_pool_in_use_connections"
+            assert f"{in_use} {pool_size:.1f}" in (await client.get("/metrics")).text
 
             await lock.release()
             assert [r.status_code for r in await asyncio.gather(*held)] == [201] * pool_size
@@ -132,7 +133,7 @@ async def test_an_exhausted_pool_answers_503_within_the_acquire_timeout_and_reco
             )
             assert [r.status_code for r in burst] == [200] * len(student_ids) * 5 + [201]
             assert (await client.get("/health/ready")).status_code == 200
-            assert "db_pool_in_use 0.0" in (await client.get("/metrics")).text
+            assert f"{in_use} 0.0" in (await client.get("/metrics")).text
     finally:
         await lock.release()
     print(f"exhaustion: 503 after {refused.seconds:.2f}s (acquire timeout {ACQUIRE_TIMEOUT}s)")
