@@ -13,6 +13,16 @@ from litestar.params import JSONBody, Parameter
 from litestar.response import Response
 from msgspec import UNSET, UnsetType
 
+from enrollment_service.conditional import (
+    ETAG_HEADER,
+    NOT_MODIFIED,
+    IfMatch,
+    IfNoneMatch,
+    if_match_tags,
+    if_none_match_tags,
+    tagged,
+    tagged_unless_known,
+)
 from enrollment_service.db import Database, Query
 from enrollment_service.health import require_current_schema
 from enrollment_service.pagination import Cursor, Limit, Page, Pages
@@ -20,6 +30,7 @@ from enrollment_service.problems import (
     CapacityBelowEnrolled,
     CodeTaken,
     CourseNotFound,
+    PreconditionFailed,
     documented,
 )
 from enrollment_service.validation import (
@@ -78,6 +89,14 @@ def to_course(row: asyncpg.Record) -> Course:
     return Course(*row)  # the columns are the fields, in order (see Query.shape)
 
 
+#: get, create and patch return the Course's fields, then its etag (patch: then `permitted`).
+ETAG = len(Course.__struct_fields__)
+
+
+def to_tagged_course(row: asyncpg.Record) -> Course:
+    return Course(*row[:ETAG])
+
+
 def _code_taken(error: asyncpg.UniqueViolationError, code: str | UnsetType) -> Exception:
     if error.constraint_name == "courses_code_key" and isinstance(code, str):
         return CodeTaken(code)
@@ -95,6 +114,7 @@ class CourseController(Controller):
         status_code=201,
         summary="Create a course",
         responses=documented(409, body=True),
+        response_headers=ETAG_HEADER,
     )
     async def create_course(
         self, db: NamedDependency[Database], data: JSONBody[NewCourse]
@@ -104,8 +124,7 @@ class CourseController(Controller):
         except asyncpg.UniqueViolationError as error:
             raise _code_taken(error, data.code) from None
         assert row is not None
-        course = to_course(row)
-        return Response(course, status_code=201, headers={"Location": f"/courses/{course.id}"})
+        return tagged(to_tagged_course(row), row[ETAG], 201, Location=f"/courses/{row[0]}")
 
     @get(summary="List courses by id", responses=documented(400))
     async def list_courses(
@@ -127,23 +146,39 @@ class CourseController(Controller):
             rows = await pages.fetch(LIST_BY_CODE, listing, cursor, limit, code.strip())
         return pages.page(CoursePage, rows, limit, to_course, listing)
 
-    @get("/{course_id:str}", summary="Get a course", responses=documented(400, 404))
-    async def get_course(self, db: NamedDependency[Database], course_id: CourseId) -> Course:
+    @get(
+        "/{course_id:str}",
+        summary="Get a course",
+        responses={**documented(400, 404), **NOT_MODIFIED},
+        response_headers=ETAG_HEADER,
+    )
+    async def get_course(
+        self,
+        db: NamedDependency[Database],
+        course_id: CourseId,
+        if_none_match: IfNoneMatch = None,
+    ) -> Response[Course]:
         row = await db.fetchrow(GET, course_id)
         if row is None:
             raise CourseNotFound(course_id)
-        return to_course(row)
+        return tagged_unless_known(to_tagged_course(row), row[ETAG], if_none_match)
 
     @patch(
         "/{course_id:str}",
         dto=StrictBody[CoursePatch],
         return_dto=None,
         summary="Change a course; capacity null removes the limit",
-        responses=documented(404, 409, body=True),
+        responses=documented(404, 409, 412, body=True),
+        response_headers=ETAG_HEADER,
     )
     async def patch_course(
-        self, db: NamedDependency[Database], course_id: CourseId, data: JSONBody[CoursePatch]
-    ) -> Course:
+        self,
+        db: NamedDependency[Database],
+        course_id: CourseId,
+        data: JSONBody[CoursePatch],
+        if_match: IfMatch = None,
+        if_none_match: IfNoneMatch = None,
+    ) -> Response[Course]:
         set_capacity = not isinstance(data.capacity, UnsetType)
         capacity = None if isinstance(data.capacity, UnsetType) else data.capacity
         try:
@@ -155,6 +190,8 @@ class CourseController(Controller):
                 given_or_none(data.level),
                 set_capacity,
                 capacity,
+                if_match_tags(if_match),
+                if_none_match_tags(if_none_match),
             )
         except asyncpg.UniqueViolationError as error:
             raise _code_taken(error, data.code) from None
@@ -164,13 +201,26 @@ class CourseController(Controller):
             raise
         if row is None:
             raise CourseNotFound(course_id)
-        return to_course(row)
+        if not row[ETAG + 1]:
+            raise PreconditionFailed("Course", course_id)
+        return tagged(to_tagged_course(row), row[ETAG])
 
     @delete(
         "/{course_id:str}",
         summary="Delete a course and its enrollments",
-        responses=documented(400, 404),
+        responses=documented(400, 404, 412),
     )
-    async def delete_course(self, db: NamedDependency[Database], course_id: CourseId) -> None:
-        if await db.fetchrow(DELETE, course_id) is None:
+    async def delete_course(
+        self,
+        db: NamedDependency[Database],
+        course_id: CourseId,
+        if_match: IfMatch = None,
+        if_none_match: IfNoneMatch = None,
+    ) -> None:
+        row = await db.fetchrow(
+            DELETE, course_id, if_match_tags(if_match), if_none_match_tags(if_none_match)
+        )
+        if row is None:
             raise CourseNotFound(course_id)
+        if not row[0]:
+            raise PreconditionFailed("Course", course_id)

@@ -13,10 +13,25 @@ from litestar.params import JSONBody, Parameter
 from litestar.response import Response
 from msgspec import UNSET, UnsetType
 
+from enrollment_service.conditional import (
+    ETAG_HEADER,
+    NOT_MODIFIED,
+    IfMatch,
+    IfNoneMatch,
+    if_match_tags,
+    if_none_match_tags,
+    tagged,
+    tagged_unless_known,
+)
 from enrollment_service.db import Database, Query
 from enrollment_service.health import require_current_schema
 from enrollment_service.pagination import Cursor, Limit, Page, Pages
-from enrollment_service.problems import EmailTaken, StudentNotFound, documented
+from enrollment_service.problems import (
+    EmailTaken,
+    PreconditionFailed,
+    StudentNotFound,
+    documented,
+)
 from enrollment_service.validation import (
     NO_CONTROL_CHARS,
     Email,
@@ -64,6 +79,14 @@ def to_student(row: asyncpg.Record) -> Student:
     return Student(*row)  # the columns are the fields, in order (see Query.shape)
 
 
+#: get, create and patch return the Student's fields, then its etag (patch: then `permitted`).
+ETAG = len(Student.__struct_fields__)
+
+
+def to_tagged_student(row: asyncpg.Record) -> Student:
+    return Student(*row[:ETAG])
+
+
 def _refusal(error: asyncpg.UniqueViolationError) -> Exception:
     return EmailTaken() if error.constraint_name == "students_email_key" else error
 
@@ -79,6 +102,7 @@ class StudentController(Controller):
         status_code=201,
         summary="Create a student",
         responses=documented(409, body=True),
+        response_headers=ETAG_HEADER,
     )
     async def create_student(
         self, db: NamedDependency[Database], data: JSONBody[NewStudent]
@@ -88,8 +112,7 @@ class StudentController(Controller):
         except asyncpg.UniqueViolationError as error:
             raise _refusal(error) from None
         assert row is not None
-        student = to_student(row)
-        return Response(student, status_code=201, headers={"Location": f"/students/{student.id}"})
+        return tagged(to_tagged_student(row), row[ETAG], 201, Location=f"/students/{row[0]}")
 
     @get(summary="List students by id", responses=documented(400))
     async def list_students(
@@ -111,38 +134,72 @@ class StudentController(Controller):
             rows = await pages.fetch(LIST_BY_EMAIL, listing, cursor, limit, email.strip())
         return pages.page(StudentPage, rows, limit, to_student, listing)
 
-    @get("/{student_id:str}", summary="Get a student", responses=documented(400, 404))
-    async def get_student(self, db: NamedDependency[Database], student_id: StudentId) -> Student:
+    @get(
+        "/{student_id:str}",
+        summary="Get a student",
+        responses={**documented(400, 404), **NOT_MODIFIED},
+        response_headers=ETAG_HEADER,
+    )
+    async def get_student(
+        self,
+        db: NamedDependency[Database],
+        student_id: StudentId,
+        if_none_match: IfNoneMatch = None,
+    ) -> Response[Student]:
         row = await db.fetchrow(GET, student_id)
         if row is None:
             raise StudentNotFound(student_id)
-        return to_student(row)
+        return tagged_unless_known(to_tagged_student(row), row[ETAG], if_none_match)
 
     @patch(
         "/{student_id:str}",
         dto=StrictBody[StudentPatch],
         return_dto=None,
         summary="Change a student's name or email",
-        responses=documented(404, 409, body=True),
+        responses=documented(404, 409, 412, body=True),
+        response_headers=ETAG_HEADER,
     )
     async def patch_student(
-        self, db: NamedDependency[Database], student_id: StudentId, data: JSONBody[StudentPatch]
-    ) -> Student:
+        self,
+        db: NamedDependency[Database],
+        student_id: StudentId,
+        data: JSONBody[StudentPatch],
+        if_match: IfMatch = None,
+        if_none_match: IfNoneMatch = None,
+    ) -> Response[Student]:
         try:
             row = await db.fetchrow(
-                PATCH, student_id, given_or_none(data.name), given_or_none(data.email)
+                PATCH,
+                student_id,
+                given_or_none(data.name),
+                given_or_none(data.email),
+                if_match_tags(if_match),
+                if_none_match_tags(if_none_match),
             )
         except asyncpg.UniqueViolationError as error:
             raise _refusal(error) from None
         if row is None:
             raise StudentNotFound(student_id)
-        return to_student(row)
+        if not row[ETAG + 1]:
+            raise PreconditionFailed("Student", student_id)
+        return tagged(to_tagged_student(row), row[ETAG])
 
     @delete(
         "/{student_id:str}",
         summary="Delete a student and their enrollments",
-        responses=documented(400, 404),
+        responses=documented(400, 404, 412),
     )
-    async def delete_student(self, db: NamedDependency[Database], student_id: StudentId) -> None:
-        if await db.fetchrow(DELETE, student_id) is None:
+    async def delete_student(
+        self,
+        db: NamedDependency[Database],
+        student_id: StudentId,
+        if_match: IfMatch = None,
+        if_none_match: IfNoneMatch = None,
+    ) -> None:
+        row = await db.fetchrow(
+            DELETE, student_id, if_match_tags(if_match), if_none_match_tags(if_none_match)
+        )
+        if row is None:
             raise StudentNotFound(student_id)
+        if not row[0]:
+            raise PreconditionFailed("Student", student_id)
