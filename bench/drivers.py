@@ -136,8 +136,17 @@ if kind ~= "health" then
     counter = counter + 1
     local r = i % span
     local q = (i - r) / span
-    local body = string.format('{"course_id":%d}', 1 + (q + r) % courses)
-    return wrk.format("POST", string.format("/students/%d/courses", base + r), json_headers, body)
+    local student, course = base + r, 1 + (q + r) % courses
+    if kind == "enroll_put" then
+      return wrk.format("PUT", string.format("/students/%d/courses/%d", student, course))
+    end
+    local body = string.format('{"course_id":%d}', course)
+    local headers = json_headers
+    if kind == "enroll_keyed" then
+      headers = { ["Content-Type"] = "application/json",
+                  ["Idempotency-Key"] = string.format("bench-%d-%d", base, i) }
+    end
+    return wrk.format("POST", string.format("/students/%d/courses", student), headers, body)
   end
 end
 

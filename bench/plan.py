@@ -61,6 +61,18 @@ ROSTER = Endpoint("roster", "GET", "/courses/{id}/students", "enrollments/roster
 ENROLL = Endpoint("enroll", "POST", "/students/{id}/courses", "enrollments/enroll")
 ENDPOINTS = (HEALTH, STUDENT_COURSES, ROSTER, ENROLL)
 DATA_ENDPOINTS = (STUDENT_COURSES, ROSTER, ENROLL)
+#: The same enrollment through the v2 write paths, for `bench.profile`: with a fresh
+#: Idempotency-Key on every request, and as PUT.
+ENROLL_KEYED = Endpoint("enroll_keyed", "POST", "/students/{id}/courses", "enrollments/enroll")
+ENROLL_PUT = Endpoint(
+    "enroll_put", "PUT", "/students/{id}/courses/{course_id}", "enrollments/enroll"
+)
+PROFILED = (*ENDPOINTS, ENROLL_KEYED, ENROLL_PUT)
+
+
+def is_enrollment(endpoint: Endpoint) -> bool:
+    """An endpoint that writes fresh pairs, so each run needs newcomers of its own."""
+    return endpoint.key.startswith("enroll")
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,8 @@ worker, production logging), and drives the endpoint with wrk twice: once to mea
 CPU time per request, once while py-spy samples it; prints both. py-spy is not a
 dependency: `.venv/bin/pip install py-spy` first.
 
-.venv/bin/python -m bench.profile roster          # or health, student_courses, enroll
+.venv/bin/python -m bench.profile roster          # or health, student_courses, enroll, ...
+.venv/bin/python -m bench.profile enroll_keyed --cpu-only   # CPU per request only, no py-spy
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from bench import database, drivers
-from bench.plan import ENDPOINTS, SCALES, Ids, newcomers_needed
+from bench.plan import PROFILED, SCALES, Ids, is_enrollment, newcomers_needed
 from bench.server import Service, Variant
 
 _NOISE = re.compile(r"\(/[^)]*?(site-packages|lib/python3\.\d+|work/[^/]+)/")
@@ -45,19 +46,29 @@ def top_frames(collapsed: Path, count: int) -> tuple[int, list[tuple[float, str]
     return total, ranked
 
 
+def _summary(key: str, concurrency: int, result: drivers.Result, cpu: float) -> str:
+    return (
+        f"{key} at c={concurrency}: {result.rps:,.0f} req/s, errors {result.errors}, "
+        f"server CPU {1e6 * cpu / max(result.requests, 1):,.0f} us per request"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    keys = [endpoint.key for endpoint in ENDPOINTS]
+    keys = [endpoint.key for endpoint in PROFILED]
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument("endpoint", choices=keys)
     parser.add_argument("--seconds", type=int, default=10, help="sampled seconds")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--top", type=int, default=45, help="frames to print")
+    parser.add_argument(
+        "--cpu-only", action="store_true", help="measure CPU per request; no py-spy profile"
+    )
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(py_spy).exists():
+    if not args.cpu_only and not Path(py_spy).exists():
         print("bench.profile: py-spy is missing: .venv/bin/pip install py-spy", file=sys.stderr)
         return 2
-    endpoint = next(e for e in ENDPOINTS if e.key == args.endpoint)
+    endpoint = next(e for e in PROFILED if e.key == args.endpoint)
     scale = SCALES["10k"]
     with (
         database.postgres(None) as pg,
@@ -69,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def run_ids(seconds: int) -> Ids:
             """Ids for one run; a POST run gets its own block of fresh students."""
-            if endpoint.key != "enroll":
+            if not is_enrollment(endpoint):
                 return seeded
             needed = newcomers_needed(seconds + 2, scale.courses)
             return asyncio.run(database.add_newcomers(pg.url, seeded, needed))
@@ -84,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                 before = drivers.cpu_seconds([service.process.pid])
                 result = drivers.wrk(service.url, endpoint, run_ids(seconds), "10k", c, seconds)
                 cpu = drivers.cpu_seconds([service.process.pid]) - before
+                if args.cpu_only:
+                    print(_summary(endpoint.key, args.concurrency, result, cpu))
+                    return 0
                 collapsed = Path(work) / "profile.txt"
                 record = [py_spy, "record", "--pid", str(service.process.pid), "--rate", "200"]
                 spy = subprocess.Popen(
@@ -99,11 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 spy.wait(timeout=seconds + 30)
             finally:
                 service.stop()
-        print(
-            f"{endpoint.key} at c={args.concurrency}: {result.rps:,.0f} req/s, "
-            f"errors {result.errors}, server CPU {1e6 * cpu / max(result.requests, 1):,.0f} us "
-            "per request"
-        )
+        print(_summary(endpoint.key, args.concurrency, result, cpu))
         total, ranked = top_frames(collapsed, args.top)
         print(f"{total} samples; share of samples each frame appears in:")
         for share, frame in ranked:
