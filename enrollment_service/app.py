@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,13 +11,17 @@ from typing import Any
 from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 
+from enrollment_service.batch import BatchController
 from enrollment_service.courses import CourseController
 from enrollment_service.db import Database, open_database
 from enrollment_service.enrollments import EnrollmentController, RosterController
 from enrollment_service.health import HealthController, Readiness
+from enrollment_service.idempotency import TYPE_DECODERS as IDEMPOTENCY_KEY_DECODERS
+from enrollment_service.idempotency import IdempotencyMiddleware, prune_expired_keys
 from enrollment_service.observability import Metrics, RequestObserver
 from enrollment_service.pagination import Cursors, Pages
 from enrollment_service.problems import documented, handle_exception
@@ -89,9 +94,14 @@ def create_app(settings: Settings, database_url: str | None = None) -> Service:
         app.state.pages = Pages(db, Cursors(settings.cursor_secret))
         app.state.readiness = readiness = Readiness(settings, url)
         log.info("pool open (min %d, max %d)", settings.pool_min_size, settings.pool_max_size)
+        pruning = asyncio.create_task(
+            prune_expired_keys(db, every_seconds=min(60, settings.idempotency_key_ttl))
+        )
         try:
             yield
         finally:
+            pruning.cancel()
+            await asyncio.gather(pruning, return_exceptions=True)
             await readiness.close()
             await db.close(grace_seconds=settings.shutdown_grace_period or 5.0)
             log.info("pool closed")
@@ -110,7 +120,13 @@ def create_app(settings: Settings, database_url: str | None = None) -> Service:
         pages: Pages = state.pages
         return pages
 
-    data_controllers = [StudentController, CourseController, EnrollmentController, RosterController]
+    data_controllers = [
+        StudentController,
+        CourseController,
+        EnrollmentController,
+        RosterController,
+        BatchController,
+    ]
     litestar = Litestar(
         route_handlers=[*data_controllers, HealthController, metrics_endpoint],
         dependencies={
@@ -118,10 +134,12 @@ def create_app(settings: Settings, database_url: str | None = None) -> Service:
             "pages": Provide(provide_pages, sync_to_thread=False),
         },
         lifespan=[database],
+        # Plain ASGI types, as RequestObserver uses.
+        middleware=[DefineMiddleware(IdempotencyMiddleware, state=state)],  # type: ignore[arg-type]
         state=state,
         exception_handlers={Exception: handle_exception},
         request_max_body_size=MAX_BODY_BYTES,
-        type_decoders=TYPE_DECODERS,
+        type_decoders=[*TYPE_DECODERS, *IDEMPOTENCY_KEY_DECODERS],
         openapi_config=OpenAPIConfig(
             title="enrollment-service",
             version="1.0.0",

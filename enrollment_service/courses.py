@@ -25,6 +25,7 @@ from enrollment_service.conditional import (
 )
 from enrollment_service.db import Database, Query
 from enrollment_service.health import require_current_schema
+from enrollment_service.idempotency import IdempotencyKeyHeader
 from enrollment_service.pagination import Cursor, Limit, Page, Pages
 from enrollment_service.problems import (
     CapacityBelowEnrolled,
@@ -113,11 +114,14 @@ class CourseController(Controller):
         return_dto=None,
         status_code=201,
         summary="Create a course",
-        responses=documented(409, body=True),
+        responses=documented(409, body=True, keyed=True),
         response_headers=ETAG_HEADER,
     )
     async def create_course(
-        self, db: NamedDependency[Database], data: JSONBody[NewCourse]
+        self,
+        db: NamedDependency[Database],
+        data: JSONBody[NewCourse],
+        idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[Course]:
         try:
             row = await db.fetchrow(CREATE, data.code, data.name, data.level, data.capacity)
@@ -168,7 +172,7 @@ class CourseController(Controller):
         dto=StrictBody[CoursePatch],
         return_dto=None,
         summary="Change a course; capacity null removes the limit",
-        responses=documented(404, 409, 412, body=True),
+        responses=documented(404, 409, 412, body=True, keyed=True),
         response_headers=ETAG_HEADER,
     )
     async def patch_course(
@@ -178,6 +182,7 @@ class CourseController(Controller):
         data: JSONBody[CoursePatch],
         if_match: IfMatch = None,
         if_none_match: IfNoneMatch = None,
+        idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[Course]:
         set_capacity = not isinstance(data.capacity, UnsetType)
         capacity = None if isinstance(data.capacity, UnsetType) else data.capacity
@@ -208,7 +213,7 @@ class CourseController(Controller):
     @delete(
         "/{course_id:str}",
         summary="Delete a course and its enrollments",
-        responses=documented(400, 404, 412),
+        responses=documented(400, 404, 412, keyed=True),
     )
     async def delete_course(
         self,
@@ -216,6 +221,7 @@ class CourseController(Controller):
         course_id: CourseId,
         if_match: IfMatch = None,
         if_none_match: IfNoneMatch = None,
+        idempotency_key: IdempotencyKeyHeader = None,
     ) -> None:
         row = await db.fetchrow(
             DELETE, course_id, if_match_tags(if_match), if_none_match_tags(if_none_match)

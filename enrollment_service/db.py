@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -83,6 +84,67 @@ class _Unwatched:
         pass
 
 
+class RequestTransaction:
+    """One transaction on one pooled connection, which every statement the request runs while
+    it is active joins (`Database.transaction`): begun at the first statement, ended by its
+    owner with `commit` or `rollback`. A statement that fails marks it `failed`: PostgreSQL has
+    aborted it, and only a rollback can end it."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.active = True
+        self.failed = False
+        self._conn: PoolConnectionProxy | None = None
+
+    @property
+    def begun(self) -> bool:
+        return self._conn is not None
+
+    async def run(self, work: Callable[[PoolConnectionProxy], Awaitable[T]]) -> T:
+        try:
+            if self._conn is None:
+                conn = await self.db._acquire()
+                self._conn = conn
+                await conn.execute("begin")
+            return await work(self._conn)
+        except BaseException as error:
+            self.failed = True
+            if isinstance(error, BROKEN_CONNECTION_ERRORS) and self._conn is not None:
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    self._conn.terminate()
+            # Inside a transaction a deadlock cannot be retried statement by statement.
+            if isinstance(
+                error, (*UNAVAILABLE_ERRORS, *BROKEN_CONNECTION_ERRORS, *RETRYABLE_ERRORS)
+            ):
+                raise DatabaseUnavailable(type(error).__name__) from error
+            raise
+
+    async def commit(self) -> None:
+        await self._end("rollback" if self.failed else "commit")
+
+    async def rollback(self) -> None:
+        await self._end("rollback")
+
+    async def _end(self, command: str) -> None:
+        self.active = False
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if not conn.is_closed():
+                await conn.execute(command)
+        except (*UNAVAILABLE_ERRORS, *BROKEN_CONNECTION_ERRORS) as error:
+            raise DatabaseUnavailable(type(error).__name__) from error
+        finally:
+            await self.db._release(conn)
+
+
+#: The request transaction of the running task, if its owner began one.
+_TRANSACTION: contextvars.ContextVar[RequestTransaction | None] = contextvars.ContextVar(
+    "request_transaction", default=None
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Query:
     """One statement from one file of `sql/`, named by its path (e.g. `students/create`).
@@ -139,11 +201,26 @@ class Database:
     async def fetchrow(self, query: Query, *args: Any) -> asyncpg.Record | None:
         return await self._run(lambda conn: conn.fetchrow(query.text, *args))
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[RequestTransaction]:
+        """Every statement the block runs, in this task, joins one transaction until the owner
+        commits or rolls it back; whatever the owner left open is rolled back at the end."""
+        transaction = RequestTransaction(self)
+        token = _TRANSACTION.set(transaction)
+        try:
+            yield transaction
+        finally:
+            _TRANSACTION.reset(token)
+            await transaction.rollback()
+
     async def _run(self, work: Callable[[PoolConnectionProxy], Awaitable[T]]) -> T:
+        transaction = _TRANSACTION.get()
         try:
             async with asyncio.timeout_at(self._deadline) as timeout:
                 self._running.add(timeout)
                 try:
+                    if transaction is not None and transaction.active:
+                        return await transaction.run(work)
                     return await self._attempts(work)
                 finally:
                     self._running.discard(timeout)
@@ -167,14 +244,27 @@ class Database:
                 raise DatabaseUnavailable(type(error).__name__) from error
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _once(self, work: Callable[[PoolConnectionProxy], Awaitable[T]]) -> T:
+    async def _acquire(self) -> PoolConnectionProxy:
         # asyncio.timeout, not acquire(timeout=): that one runs the wait as a task of its own.
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.acquire_timeout):
-                conn = await self.pool.acquire()
+                conn: PoolConnectionProxy = await self.pool.acquire()
+                return conn
         finally:
             self.events.acquire_waited(time.perf_counter() - started)
+
+    async def _release(self, conn: PoolConnectionProxy) -> None:
+        try:
+            # Bounded as acquire(timeout=) would have bounded it: releasing a connection
+            # whose statement was cancelled waits for PostgreSQL to confirm the cancel.
+            await self.pool.release(conn, timeout=self.acquire_timeout)
+        except Exception as error:
+            # The pool has dropped the connection; the statement's outcome stands.
+            log.warning("a connection failed to reset and was closed: %r", error)
+
+    async def _once(self, work: Callable[[PoolConnectionProxy], Awaitable[T]]) -> T:
+        conn = await self._acquire()
         try:
             result = await work(conn)
         except BROKEN_CONNECTION_ERRORS:
@@ -185,13 +275,7 @@ class Database:
                 conn.terminate()
             raise
         finally:
-            try:
-                # Bounded as acquire(timeout=) would have bounded it: releasing a connection
-                # whose statement was cancelled waits for PostgreSQL to confirm the cancel.
-                await self.pool.release(conn, timeout=self.acquire_timeout)
-            except Exception as error:
-                # The pool has dropped the connection; the statement's outcome stands.
-                log.warning("a connection failed to reset and was closed: %r", error)
+            await self._release(conn)
         return result
 
     async def close(self, grace_seconds: float) -> None:

@@ -2,29 +2,46 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Annotated, Any
 
 import asyncpg
 import msgspec
-from litestar import Controller, delete, get, post
+from litestar import Controller, Request, delete, get, post, put
 from litestar.di import NamedDependency
-from litestar.params import JSONBody
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
+from litestar.params import HeaderParameter, JSONBody
 from litestar.response import Response
 
+from enrollment_service.conditional import WILDCARD, if_none_match_tags
 from enrollment_service.courses import Course, CourseId
 from enrollment_service.db import Database, Query
 from enrollment_service.health import require_current_schema
+from enrollment_service.idempotency import IdempotencyKeyHeader
 from enrollment_service.pagination import Cursor, Limit, Page, Pages
 from enrollment_service.problems import (
+    PROBLEM_MEDIA_TYPE,
     AlreadyEnrolled,
     CourseFull,
     CourseNotFound,
+    EnrollmentExists,
     EnrollmentNotFound,
+    Problem,
     StudentNotFound,
+    UnsupportedMediaType,
+    ValidationFailed,
     documented,
 )
 from enrollment_service.students import Student, StudentId
-from enrollment_service.validation import Id, StrictBody
+from enrollment_service.validation import (
+    Id,
+    StrictBody,
+    decode_strict,
+    is_json_media_type,
+    path_id_errors,
+)
 
 ENROLL = Query.load("enrollments/enroll")
 GET = Query.load("enrollments/get")
@@ -33,6 +50,22 @@ DROP = Query.load("enrollments/drop")
 
 class NewEnrollment(msgspec.Struct, forbid_unknown_fields=True):
     course_id: Id
+
+
+#: PUT's If-None-Match: only `*` means anything, since an enrollment has no ETag to name.
+CreateOnly = Annotated[
+    str | None,
+    HeaderParameter(
+        name="If-None-Match",
+        required=False,
+        description="`*`: enroll only if not enrolled already, else 412 (nothing changes); "
+        "an enrollment has no ETag, so any other value never matches and is ignored",
+    ),
+]
+
+
+class NoBody(msgspec.Struct, forbid_unknown_fields=True):
+    """PUT's body, when one is sent: `{}`."""
 
 
 class Enrollment(msgspec.Struct, frozen=True):
@@ -87,6 +120,33 @@ def _refusal(
     return error
 
 
+@dataclass
+class EmptyBodyOperation(Operation):
+    """PUT's operation: its body, which the handler reads itself, is `{}` or nothing."""
+
+    def __post_init__(self) -> None:
+        empty = Schema(type=OpenAPIType.OBJECT, max_properties=0, description="`{}`, or no body")
+        self.request_body = RequestBody(
+            content={"application/json": OpenAPIMediaType(schema=empty)}, required=False
+        )
+
+
+async def _empty_body_only(request: Request[Any, Any, Any]) -> None:
+    """PUT's `before_request`: the schema gate, then the body, if any, must be `{}`. Read here,
+    before Litestar checks the path, so that 415 comes before 400 and a bad body is reported
+    with the bad ids."""
+    await require_current_schema(request)
+    raw = await request.body()
+    if not raw:
+        return
+    content_type = request.headers.get("content-type", "")
+    if not is_json_media_type(content_type):
+        raise UnsupportedMediaType(content_type)
+    decoded = decode_strict(raw, NoBody)
+    if isinstance(decoded, list):
+        raise ValidationFailed(path_id_errors(request.path_params) + decoded)
+
+
 def _without_empty_row(rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
     # The list statements answer one row of nulls for an owner with nothing on this page.
     return [row for row in rows if row["id"] is not None]
@@ -102,10 +162,14 @@ class EnrollmentController(Controller):
         return_dto=None,
         status_code=201,
         summary="Enroll a student in a course",
-        responses=documented(404, 409, body=True),
+        responses=documented(404, 409, body=True, keyed=True),
     )
     async def enroll(
-        self, db: NamedDependency[Database], student_id: StudentId, data: JSONBody[NewEnrollment]
+        self,
+        db: NamedDependency[Database],
+        student_id: StudentId,
+        data: JSONBody[NewEnrollment],
+        idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[Enrollment]:
         try:
             row = await db.fetchrow(ENROLL, student_id, data.course_id)
@@ -117,6 +181,52 @@ class EnrollmentController(Controller):
         enrollment = Enrollment(int(student_id), data.course_id, row["enrolled_at"])
         location = f"/students/{student_id}/courses/{data.course_id}"
         return Response(enrollment, status_code=201, headers={"Location": location})
+
+    @put(
+        "/{course_id:str}",
+        status_code=201,
+        summary="Enroll a student in a course, idempotently",
+        before_request=_empty_body_only,
+        operation_class=EmptyBodyOperation,
+        description="201 when it enrolls; 200 with the enrollment as it was when the student "
+        "is enrolled already (with `If-None-Match: *`, 412 instead). The body, if any, is `{}`.",
+        responses={
+            200: ResponseSpec(
+                data_container=Enrollment,
+                description="Already enrolled: the enrollment, with its original enrolled_at",
+                generate_examples=False,
+            ),
+            **documented(404, 409, body=True),
+            412: ResponseSpec(
+                data_container=Problem,
+                media_type=PROBLEM_MEDIA_TYPE,
+                description="precondition-failed: `If-None-Match: *` and the student is "
+                "enrolled already; nothing changed",
+                generate_examples=False,
+            ),
+        },
+    )
+    async def put_enrollment(
+        self,
+        db: NamedDependency[Database],
+        student_id: StudentId,
+        course_id: CourseId,
+        if_none_match: CreateOnly = None,
+    ) -> Response[Enrollment]:
+        # Enrolling again is the statement's "do update" of nothing: no seat is taken twice.
+        try:
+            row = await db.fetchrow(ENROLL, student_id, course_id)
+        except (asyncpg.ForeignKeyViolationError, asyncpg.CheckViolationError) as error:
+            raise _refusal(error, student_id, course_id) from None
+        assert row is not None
+        enrollment = Enrollment(int(student_id), int(course_id), row["enrolled_at"])
+        if row["created"]:
+            location = f"/students/{student_id}/courses/{course_id}"
+            return Response(enrollment, status_code=201, headers={"Location": location})
+        if if_none_match is not None and if_none_match_tags(if_none_match) == [WILDCARD]:
+            # Create-only, and the pair was there: the update wrote the row as it was.
+            raise EnrollmentExists(int(student_id), int(course_id))
+        return Response(enrollment, status_code=200)
 
     @get(summary="List a student's courses by course id", responses=documented(400, 404))
     async def list_courses_of_student(
@@ -148,10 +258,14 @@ class EnrollmentController(Controller):
     @delete(
         "/{course_id:str}",
         summary="Unenroll a student from a course",
-        responses=documented(400, 404),
+        responses=documented(400, 404, keyed=True),
     )
     async def unenroll(
-        self, db: NamedDependency[Database], student_id: StudentId, course_id: CourseId
+        self,
+        db: NamedDependency[Database],
+        student_id: StudentId,
+        course_id: CourseId,
+        idempotency_key: IdempotencyKeyHeader = None,
     ) -> None:
         row = await db.fetchrow(DROP, student_id, course_id)
         assert row is not None

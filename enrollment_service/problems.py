@@ -42,6 +42,15 @@ class Problem(msgspec.Struct, frozen=True, omit_defaults=True):
     detail: str
     errors: list[FieldError] | None = None
     checks: dict[str, str] | None = None
+    failures: list[BatchFailure] | None = None
+
+
+class BatchFailure(msgspec.Struct, frozen=True):
+    """One item of an atomic batch that would fail: its 0-based index, and the problem document
+    the item alone would have been answered with."""
+
+    index: int
+    problem: Problem
 
 
 # --- Domain errors: small classes carrying ids, raised where the outcome is known. ----------
@@ -132,6 +141,30 @@ class CapacityBelowEnrolled(DomainError):
 
 
 @dataclass(eq=False)
+class PreconditionFailed(DomainError):
+    resource: str  # "Student", "Course"
+    resource_id: int
+    status, slug, title = 412, "precondition-failed", "Precondition failed"
+    detail = (
+        "{resource} {resource_id} has an ETag that fails the request's If-Match or "
+        "If-None-Match; nothing was changed"
+    )
+
+
+@dataclass(eq=False)
+class EnrollmentExists(DomainError):
+    """412 for a create-only PUT (`If-None-Match: *`) of a pair already enrolled."""
+
+    student_id: int
+    course_id: int
+    status, slug, title = 412, "precondition-failed", "Precondition failed"
+    detail = (
+        "Student {student_id} is already enrolled in course {course_id}, and "
+        "If-None-Match: * allows only a new enrollment; nothing was changed"
+    )
+
+
+@dataclass(eq=False)
 class Unauthorized(DomainError):
     status, slug, title = 401, "unauthorized", "Unauthorized"
     detail = "Send a valid token as 'Authorization: Bearer <token>'"
@@ -184,6 +217,37 @@ class MethodNotAllowed(DomainError):
     path: str
     status, slug, title = 405, "method-not-allowed", "Method not allowed"
     detail = "{method} is not allowed on {path}"
+
+
+@dataclass(eq=False)
+class IdempotencyKeyReused(DomainError):
+    status, slug, title = 422, "idempotency-key-reused", "Idempotency key reused"
+    detail = (
+        "This Idempotency-Key was already used for a different request (another method, path "
+        "or body); use a new key for a new request"
+    )
+
+
+@dataclass(eq=False)
+class IdempotencyKeyInUse(DomainError):
+    retry_after: int
+    status, slug, title = 409, "idempotency-key-in-use", "Idempotency key in use"
+    detail = "A request with this Idempotency-Key is still being processed; retry later"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+@dataclass(eq=False)
+class BatchRejected(DomainError):
+    failures: list[BatchFailure]
+    status, slug, title = 409, "batch-rejected", "Batch rejected"
+
+    def describe(self) -> str:
+        indexes = ", ".join(str(failure.index) for failure in self.failures[:20])
+        more = f" and {len(self.failures) - 20} more" if len(self.failures) > 20 else ""
+        items = "item" if len(self.failures) == 1 else "items"
+        return f"Nothing was changed: the atomic batch's {items} {indexes}{more} would fail"
 
 
 @dataclass(eq=False)
@@ -254,6 +318,7 @@ class HttpError(DomainError):
 def problem_document(error: DomainError) -> Problem:
     errors = error.errors if isinstance(error, ValidationFailed) else None
     checks = error.checks if isinstance(error, NotReady) else None
+    failures = error.failures if isinstance(error, BatchRejected) else None
     return Problem(
         type=PROBLEM_BASE + error.slug,
         title=error.title,
@@ -261,6 +326,7 @@ def problem_document(error: DomainError) -> Problem:
         detail=error.describe(),
         errors=errors,
         checks=checks,
+        failures=failures,
     )
 
 
@@ -329,10 +395,16 @@ def _field_errors(
         if key == "data":
             errors.append(FieldError("body", "a JSON object is required"))
             continue
-        errors.append(FieldError(key, _clean_message(str(item.get("message", "is invalid")))))
+        message = _clean_message(str(item.get("message", "is invalid")))
+        errors.append(FieldError(_FIELD_NAMES.get(key, key), message))
     if not errors:
         errors.append(FieldError(default_field, _clean_message(exc.detail)))
     return errors
+
+
+#: The contract's name for a field where Litestar reports the parameter's.
+IDEMPOTENCY_KEY_FIELD = "Idempotency-Key"
+_FIELD_NAMES = {"idempotency_key": IDEMPOTENCY_KEY_FIELD}
 
 
 def _clean_message(message: str) -> str:
@@ -348,9 +420,13 @@ _DESCRIPTIONS = {
     404: "not found: the slug says which of student-not-found, course-not-found, "
     "enrollment-not-found",
     409: "conflict: the slug says which of email-taken, code-taken, already-enrolled, "
-    "course-full, capacity-below-enrolled",
+    "course-full, capacity-below-enrolled, batch-rejected, idempotency-key-in-use",
+    412: "precondition-failed: If-Match names no current ETag (a weak or malformed tag never "
+    "matches), or If-None-Match names the current one; nothing changed",
     413: "payload-too-large: the body exceeds 1 MiB",
     415: "unsupported-media-type: the body is not application/json",
+    422: "idempotency-key-reused: the Idempotency-Key was already used for a different request "
+    "(another method, path or body); nothing changed",
     500: "internal-error: never expected",
     503: "database-unavailable (with Retry-After), or not-ready while migrations are pending",
 }
@@ -358,9 +434,14 @@ _ALWAYS = (401, 500, 503)
 _WITH_BODY = (400, 413, 415)
 
 
-def documented(*statuses: int, body: bool = False) -> dict[int, ResponseSpec]:
-    """The problem responses a handler declares in the OpenAPI document."""
-    codes = sorted({*statuses, *_ALWAYS, *(_WITH_BODY if body else ())})
+_KEYED = (400, 409, 422)
+
+
+def documented(*statuses: int, body: bool = False, keyed: bool = False) -> dict[int, ResponseSpec]:
+    """The problem responses a handler declares in the OpenAPI document; `keyed` for one that
+    takes an Idempotency-Key (a bad key is a 400, a reused one 422, one in flight 409)."""
+    extra = (*(_WITH_BODY if body else ()), *(_KEYED if keyed else ()))
+    codes = sorted({*statuses, *_ALWAYS, *extra})
     return {
         code: ResponseSpec(
             data_container=Problem,

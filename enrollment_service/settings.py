@@ -59,6 +59,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     migrate_connect_timeout: float = 60.0
     """Seconds `migrate` keeps retrying its first connection to a database that is not up yet."""
     retry_after_seconds: int = 2
+    idempotency_key_ttl: int = 86_400
+    """Seconds a stored Idempotency-Key outcome is kept; after that the key is new again."""
     log_level: str = "INFO"
     log_format: LogFormat = "json"
     cursor_secret: str = DEFAULT_CURSOR_SECRET
@@ -157,6 +159,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "SHUTDOWN_GRACE_PERIOD": ("shutdown_grace_period", _parse_float(0, 3600)),
     "MIGRATE_CONNECT_TIMEOUT": ("migrate_connect_timeout", _parse_float(0, 3600)),
     "RETRY_AFTER_SECONDS": ("retry_after_seconds", _parse_int(1, 30)),
+    "IDEMPOTENCY_KEY_TTL": ("idempotency_key_ttl", _parse_int(1, 365 * 86_400)),
     "LOG_LEVEL": ("log_level", _parse_log_level),
     "LOG_FORMAT": ("log_format", _parse_log_format),
     "CURSOR_SECRET": ("cursor_secret", _parse_nonempty),

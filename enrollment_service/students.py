@@ -25,6 +25,7 @@ from enrollment_service.conditional import (
 )
 from enrollment_service.db import Database, Query
 from enrollment_service.health import require_current_schema
+from enrollment_service.idempotency import IdempotencyKeyHeader
 from enrollment_service.pagination import Cursor, Limit, Page, Pages
 from enrollment_service.problems import (
     EmailTaken,
@@ -101,11 +102,14 @@ class StudentController(Controller):
         return_dto=None,
         status_code=201,
         summary="Create a student",
-        responses=documented(409, body=True),
+        responses=documented(409, body=True, keyed=True),
         response_headers=ETAG_HEADER,
     )
     async def create_student(
-        self, db: NamedDependency[Database], data: JSONBody[NewStudent]
+        self,
+        db: NamedDependency[Database],
+        data: JSONBody[NewStudent],
+        idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[Student]:
         try:
             row = await db.fetchrow(CREATE, data.name, data.email)
@@ -156,7 +160,7 @@ class StudentController(Controller):
         dto=StrictBody[StudentPatch],
         return_dto=None,
         summary="Change a student's name or email",
-        responses=documented(404, 409, 412, body=True),
+        responses=documented(404, 409, 412, body=True, keyed=True),
         response_headers=ETAG_HEADER,
     )
     async def patch_student(
@@ -166,6 +170,7 @@ class StudentController(Controller):
         data: JSONBody[StudentPatch],
         if_match: IfMatch = None,
         if_none_match: IfNoneMatch = None,
+        idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[Student]:
         try:
             row = await db.fetchrow(
@@ -187,7 +192,7 @@ class StudentController(Controller):
     @delete(
         "/{student_id:str}",
         summary="Delete a student and their enrollments",
-        responses=documented(400, 404, 412),
+        responses=documented(400, 404, 412, keyed=True),
     )
     async def delete_student(
         self,
@@ -195,6 +200,7 @@ class StudentController(Controller):
         student_id: StudentId,
         if_match: IfMatch = None,
         if_none_match: IfNoneMatch = None,
+        idempotency_key: IdempotencyKeyHeader = None,
     ) -> None:
         row = await db.fetchrow(
             DELETE, student_id, if_match_tags(if_match), if_none_match_tags(if_none_match)

@@ -20,7 +20,13 @@ from litestar.params import Parameter, ParameterKwarg
 from litestar.typing import FieldDefinition
 from msgspec import Meta
 
-from enrollment_service.problems import FieldError, UnsupportedMediaType, ValidationFailed
+from enrollment_service.idempotency import KEY_MESSAGE, parse_key
+from enrollment_service.problems import (
+    IDEMPOTENCY_KEY_FIELD,
+    FieldError,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
 
 MAX_ID = 2**63 - 1
 # Unicode control characters (category Cc): C0, DEL and C1.
@@ -126,7 +132,11 @@ class StrictBody(MsgspecDTO[S], Generic[S]):
         if isinstance(result, list):
             # Litestar checks the path only after the body: report a bad path id here too,
             # so that every bad field is listed at once.
-            raise ValidationFailed(path_id_errors(self.asgi_connection.path_params) + result)
+            raise ValidationFailed(
+                path_id_errors(self.asgi_connection.path_params)
+                + idempotency_key_errors(self.asgi_connection.headers.get("idempotency-key"))
+                + result
+            )
         return result
 
     @classmethod
@@ -174,6 +184,13 @@ def path_id_errors(path_params: Mapping[str, Any]) -> list[FieldError]:
         except ValueError:
             errors.append(FieldError(name, PATH_ID_MESSAGE))
     return errors
+
+
+def idempotency_key_errors(raw: str | None) -> list[FieldError]:
+    """The Idempotency-Key header, listed with the body's bad fields when it is bad too."""
+    if raw is None or parse_key(raw) is not None:
+        return []
+    return [FieldError(IDEMPOTENCY_KEY_FIELD, KEY_MESSAGE)]
 
 
 def given_or_none(value: T | msgspec.UnsetType) -> T | None:

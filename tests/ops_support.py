@@ -58,6 +58,7 @@ SERVICE_VARIABLES = frozenset(
         "SHUTDOWN_GRACE_PERIOD",
         "MIGRATE_CONNECT_TIMEOUT",
         "RETRY_AFTER_SECONDS",
+        "IDEMPOTENCY_KEY_TTL",
         "LOG_LEVEL",
         "LOG_FORMAT",
         "CURSOR_SECRET",

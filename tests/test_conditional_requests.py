@@ -580,8 +580,8 @@ async def test_the_openapi_document_describes_etags_and_the_conditional_headers(
         }
         assert parameters == {
             "get": {"If-None-Match"},
-            "patch": {"If-Match", "If-None-Match"},
-            "delete": {"If-Match", "If-None-Match"},
+            "patch": {"If-Match", "If-None-Match", "Idempotency-Key"},
+            "delete": {"If-Match", "If-None-Match", "Idempotency-Key"},
         }
         assert "ETag" in operations["get"]["responses"]["200"]["headers"]
         assert "ETag" in operations["patch"]["responses"]["200"]["headers"]
