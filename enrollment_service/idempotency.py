@@ -91,10 +91,10 @@ class Outcome:
     retry_after: int | None = None
 
     def messages(self) -> list[Message]:
-        headers = [
-            (b"content-type", self.content_type.encode()),
-            (b"content-length", str(len(self.body)).encode()),
-        ]
+        headers = []
+        if self.status != 204:  # a 204 has neither (RFC 9110 8.6)
+            headers.append((b"content-type", self.content_type.encode()))
+            headers.append((b"content-length", str(len(self.body)).encode()))
         if self.retry_after is not None:
             headers.append((b"retry-after", str(self.retry_after).encode()))
         if self.location is not None:
