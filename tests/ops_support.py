@@ -353,6 +353,18 @@ class ServiceProcess:
             if record.get("logger") == "enrollment_service.access"
         }
 
+    def wait_for_startups(self, count: int, timeout: float = 30) -> None:
+        """Until `count` processes have finished starting the app: with WORKERS > 1 readiness
+        answers as soon as one worker does, and a worker still starting when SIGTERM arrives
+        simply stops once started (it has nothing to drain)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            started = [r for r in self.records() if r["msg"] == "Application startup complete."]
+            if len(started) >= count:
+                return
+            time.sleep(0.05)
+        pytest.fail(f"{count} workers did not start within {timeout}s:\n{self.log_text()}")
+
     def workers(self) -> list[int]:
         """The pids of the worker processes `serve` started when WORKERS > 1 (its children
         started by multiprocessing's spawn, not multiprocessing's resource tracker)."""

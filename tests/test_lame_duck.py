@@ -37,6 +37,7 @@ async def test_sigterm_with_a_delay_keeps_serving_new_connections_while_readines
     service = await serve(
         database_url, WORKERS=workers, SHUTDOWN_DELAY=str(DELAY), SHUTDOWN_GRACE_PERIOD="10"
     )
+    await asyncio.to_thread(service.wait_for_startups, int(workers))
     async with httpx.AsyncClient(base_url=service.base_url, timeout=30) as client:
         course = (
             await client.post("/courses", json={"code": "LAME-1", "name": "Ducks", "level": "x"})

@@ -299,6 +299,7 @@ async def test_with_two_workers_both_serve_and_sigterm_drains_both_then_exits_0(
         SHUTDOWN_GRACE_PERIOD="15",
     )
     assert len(service.workers()) == 2, service.log_text()
+    await asyncio.to_thread(service.wait_for_startups, 2)
 
     lock = await RowLock(database, course_id).acquire()
     limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
