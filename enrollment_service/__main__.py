@@ -223,11 +223,19 @@ def dev(settings: Settings) -> int:
         log.info("embedded PostgreSQL stopped")
 
 
-def _dev_postgres_port(settings: Settings) -> int:
-    # A fixed port derived from the API's, so a restart finds the same server address; never
-    # the API's own port (PORT=54321 would otherwise give PostgreSQL 54321 as well).
+def _dev_postgres_port(settings: Settings) -> int | None:
+    """A port derived from the API's, so that the server's address is the same run after run
+    (never the API's own: PORT=54321 would otherwise give PostgreSQL 54321 as well); any free
+    one when another program holds it."""
     port = 54000 + settings.port % 1000
-    return port if port != settings.port else port + 1000
+    port = port if port != settings.port else port + 1000
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            log.info("port %d is taken: the embedded PostgreSQL takes a free one", port)
+            return None
+    return port
 
 
 def main(argv: list[str] | None = None) -> int:

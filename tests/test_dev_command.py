@@ -99,3 +99,17 @@ def test_the_embedded_postgres_port_is_never_the_api_port() -> None:
         settings = load_settings(environ={"PORT": str(api_port)})
         assert _dev_postgres_port(settings) != api_port
         assert _dev_postgres_port(settings) == _dev_postgres_port(settings)
+
+
+def test_the_embedded_postgres_takes_a_free_port_when_its_own_is_taken() -> None:
+    import socket
+
+    from enrollment_service.__main__ import _dev_postgres_port
+    from enrollment_service.settings import load_settings
+
+    settings = load_settings(environ={"PORT": "8765"})
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 54765))
+        holder.listen()
+        assert _dev_postgres_port(settings) is None
+    assert _dev_postgres_port(settings) == 54765
