@@ -261,3 +261,18 @@ async def test_an_expired_key_is_new_again_and_pruned(database_url: str, pool: a
                     break
                 await asyncio.sleep(0.1)
             assert await _count(pool, "idempotency_keys") == 0
+
+
+async def test_a_route_404_or_405_is_never_stored(
+    client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    student = await create_student(client)
+    assert_problem(await client.post("/nope", json={}, headers=keyed("k-16")), 404, "not-found")
+    not_allowed = await client.post(f"/students/{student['id']}", json={}, headers=keyed("k-16"))
+    assert_problem(not_allowed, 405, "method-not-allowed")
+    assert await _count(pool, "idempotency_keys") == 0
+    # The key is still free for a real request.
+    created = await client.post("/courses", json={"code": "K16", "name": "a", "level": "b"},
+                                headers=keyed("k-16"))  # fmt: skip
+    assert created.status_code == 201
+    assert "idempotent-replayed" not in created.headers
