@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import re
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from string import Template
 
 import asyncpg
 
-from bench import database
+from bench import database, drivers
 from bench.server import Service, Variant
 
 #: Uncapped courses, and students: pair i is (1 + (i // COURSES) % STUDENTS, 1 + i % COURSES),
@@ -107,22 +103,7 @@ def _wrk(
     script = WRK_SCRIPT.substitute(
         kind=kind, first=first, courses=COURSES, students=STUDENTS, batch=batch
     )
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
-        handle.write(script)
-    command = ["wrk", "--threads", "1", "--connections", str(concurrency),
-               "--duration", f"{seconds}s", "--timeout", "30s", "--script", handle.name,
-               f"{url}/"]  # fmt: skip
-    try:
-        output = subprocess.run(
-            command, capture_output=True, text=True, check=True, timeout=seconds + 120
-        ).stdout
-    finally:
-        Path(handle.name).unlink(missing_ok=True)
-    match = re.search(r"^BENCH (\{.*\})$", output, re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"wrk printed no summary:\n{output}")
-    result: dict[str, int] = json.loads(match.group(1))
-    return result
+    return drivers.run_wrk_script(script, f"{url}/", concurrency, seconds, timeout="30s")
 
 
 async def _count(url: str) -> int:

@@ -162,6 +162,30 @@ end
 )
 
 
+def run_wrk_script(
+    script: str, url: str, concurrency: int, seconds: int, timeout: str
+) -> dict[str, int]:
+    """wrk with one thread (so it takes at most one of the two cores) and `concurrency`
+    keep-alive connections, running a Lua `script` whose `done` prints one `BENCH {json}` line:
+    that line's numbers."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
+        handle.write(script)
+    command = ["wrk", "--threads", "1", "--connections", str(concurrency),
+               "--duration", f"{seconds}s", "--timeout", timeout, "--script", handle.name,
+               url]  # fmt: skip
+    try:
+        output = subprocess.run(
+            command, capture_output=True, text=True, check=True, timeout=seconds + 120
+        ).stdout
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
+    match = re.search(r"^BENCH (\{.*\})$", output, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"wrk printed no summary:\n{output}")
+    data: dict[str, int] = json.loads(match.group(1))
+    return data
+
+
 def wrk(
     base_url: str,
     endpoint: Endpoint,
@@ -182,33 +206,8 @@ def wrk(
         newcomers=max(ids.newcomers, 1),
         seed=seed,
     )
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
-        handle.write(script)
     path = endpoint.path if endpoint.key == "health" else "/"
-    command = [
-        "wrk",
-        "--threads",
-        "1",
-        "--connections",
-        str(concurrency),
-        "--duration",
-        f"{seconds}s",
-        "--timeout",
-        "10s",
-        "--script",
-        handle.name,
-        f"{base_url}{path}",
-    ]
-    try:
-        output = subprocess.run(
-            command, capture_output=True, text=True, check=True, timeout=seconds + 60
-        ).stdout
-    finally:
-        Path(handle.name).unlink(missing_ok=True)
-    match = re.search(r"^BENCH (\{.*\})$", output, re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"wrk printed no summary:\n{output}")
-    data: dict[str, int] = json.loads(match.group(1))
+    data = run_wrk_script(script, f"{base_url}{path}", concurrency, seconds, timeout="10s")
     kinds = {k: data[k] for k in ("connect", "read", "write", "status", "timeout") if data[k]}
     seconds_taken = data["duration_us"] / 1e6
     requests = data["requests"]
