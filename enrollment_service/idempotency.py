@@ -28,6 +28,7 @@ from enrollment_service.problems import (
     DomainError,
     IdempotencyKeyInUse,
     IdempotencyKeyReused,
+    RetryLater,
     problem_document,
 )
 
@@ -109,8 +110,9 @@ class Outcome:
         ]
 
 
-def _problem(error: DomainError, retry_after: int | None = None) -> Outcome:
+def _problem(error: DomainError) -> Outcome:
     body = msgspec.json.encode(problem_document(error))
+    retry_after = error.retry_after if isinstance(error, RetryLater) else None
     return Outcome(error.status, PROBLEM_MEDIA_TYPE, None, None, body, retry_after=retry_after)
 
 
@@ -215,8 +217,7 @@ class IdempotencyMiddleware:
         row = await db.fetchrow(FIND, scope_name, key)
         if row is None:
             # Expired and pruned between the two statements: the caller should simply retry.
-            retry_after = self._state.settings.retry_after_seconds
-            return _problem(IdempotencyKeyInUse(retry_after), retry_after)
+            return _problem(IdempotencyKeyInUse(self._state.settings.retry_after_seconds))
         if row["fingerprint"] != stamp:
             return _problem(IdempotencyKeyReused())
         return Outcome(

@@ -195,13 +195,19 @@ class NotReady(DomainError):
 
 
 @dataclass(eq=False)
-class Unavailable(DomainError):
+class RetryLater(DomainError):
+    """An outcome the caller should try again after `retry_after` seconds (Retry-After)."""
+
     retry_after: int
-    status, slug, title = 503, "database-unavailable", "Database unavailable"
-    detail = "The database cannot be reached right now; retry later"
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+@dataclass(eq=False)
+class Unavailable(RetryLater):
+    status, slug, title = 503, "database-unavailable", "Database unavailable"
+    detail = "The database cannot be reached right now; retry later"
 
 
 @dataclass(eq=False)
@@ -229,13 +235,9 @@ class IdempotencyKeyReused(DomainError):
 
 
 @dataclass(eq=False)
-class IdempotencyKeyInUse(DomainError):
-    retry_after: int
+class IdempotencyKeyInUse(RetryLater):
     status, slug, title = 409, "idempotency-key-in-use", "Idempotency key in use"
     detail = "A request with this Idempotency-Key is still being processed; retry later"
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)}
 
 
 @dataclass(eq=False)
