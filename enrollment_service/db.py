@@ -201,6 +201,15 @@ class Database:
     async def fetchrow(self, query: Query, *args: Any) -> asyncpg.Record | None:
         return await self._run(lambda conn: conn.fetchrow(query.text, *args))
 
+    async def fetchrow_alone(self, query: Query, *args: Any) -> asyncpg.Record | None:
+        """One statement as a transaction of its own, even in a task with a request transaction
+        (which must not have begun: what ran in it and this statement could not commit as one).
+        For a statement that does the whole of a request's change in one round trip."""
+        transaction = _TRANSACTION.get()
+        if transaction is not None and transaction.begun:
+            raise RuntimeError(f"{query.name} must run alone, but the request's transaction began")
+        return await self._run(lambda conn: conn.fetchrow(query.text, *args), alone=True)
+
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[RequestTransaction]:
         """Every statement the block runs, in this task, joins one transaction until the owner
@@ -213,8 +222,10 @@ class Database:
             _TRANSACTION.reset(token)
             await transaction.rollback()
 
-    async def _run(self, work: Callable[[PoolConnectionProxy], Awaitable[T]]) -> T:
-        transaction = _TRANSACTION.get()
+    async def _run(
+        self, work: Callable[[PoolConnectionProxy], Awaitable[T]], *, alone: bool = False
+    ) -> T:
+        transaction = None if alone else _TRANSACTION.get()
         try:
             async with asyncio.timeout_at(self._deadline) as timeout:
                 self._running.add(timeout)

@@ -19,7 +19,12 @@ from enrollment_service.conditional import WILDCARD, if_none_match_tags
 from enrollment_service.courses import Course, CourseId
 from enrollment_service.db import Database, Query
 from enrollment_service.health import require_current_schema
-from enrollment_service.idempotency import IdempotencyKeyHeader
+from enrollment_service.idempotency import (
+    KEY_CONSTRAINT,
+    IdempotencyKeyHeader,
+    KeyedRequest,
+    keyed_request,
+)
 from enrollment_service.pagination import Cursor, Limit, Page, Pages
 from enrollment_service.problems import (
     PROBLEM_MEDIA_TYPE,
@@ -44,6 +49,7 @@ from enrollment_service.validation import (
 )
 
 ENROLL = Query.load("enrollments/enroll")
+ENROLL_KEYED = Query.load("enrollments/enroll_keyed")
 GET = Query.load("enrollments/get")
 DROP = Query.load("enrollments/drop")
 
@@ -120,6 +126,34 @@ def _refusal(
     return error
 
 
+async def _enroll_keyed(
+    db: Database, keyed: KeyedRequest, student_id: int, course_id: int, location: str
+) -> tuple[asyncpg.Record, bytes | None]:
+    """A keyed enroll: the enrollment and its 201 stored under the key in one statement, which
+    answers the stored body (None when it created nothing). When the key is held already, the
+    plain statement runs in the request's transaction instead, and the middleware replays or
+    stores as the key's state says."""
+    try:
+        row = await db.fetchrow_alone(
+            ENROLL_KEYED, student_id, course_id, *keyed.store_arguments(), location
+        )
+    except asyncpg.UniqueViolationError as error:
+        if error.constraint_name != KEY_CONSTRAINT:
+            raise
+        row = await db.fetchrow(ENROLL, student_id, course_id)
+        assert row is not None
+        return row, None
+    assert row is not None
+    body: bytes | None = row["body"]
+    keyed.stored = body is not None
+    return row, body
+
+
+def _json_response(body: bytes, status_code: int, headers: dict[str, str]) -> Response[Any]:
+    """A response whose JSON body is already encoded."""
+    return Response(body, status_code=status_code, headers=headers, media_type="application/json")
+
+
 @dataclass
 class EmptyBodyOperation(Operation):
     """PUT's operation: its body, which the handler reads itself, is `{}` or nothing."""
@@ -171,15 +205,23 @@ class EnrollmentController(Controller):
         data: JSONBody[NewEnrollment],
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[Enrollment]:
+        location = f"/students/{student_id}/courses/{data.course_id}"
+        keyed = keyed_request()
+        stored: bytes | None = None
         try:
-            row = await db.fetchrow(ENROLL, student_id, data.course_id)
+            if keyed is None:
+                row = await db.fetchrow(ENROLL, student_id, data.course_id)
+            else:
+                row, stored = await _enroll_keyed(db, keyed, student_id, data.course_id, location)
         except (asyncpg.ForeignKeyViolationError, asyncpg.CheckViolationError) as error:
             raise _refusal(error, student_id, data.course_id) from None
         assert row is not None
         if not row["created"]:
             raise AlreadyEnrolled(student_id, data.course_id)
+        if stored is not None:
+            # The stored bytes themselves, so that the answer and its replays are one.
+            return _json_response(stored, status_code=201, headers={"Location": location})
         enrollment = Enrollment(int(student_id), data.course_id, row["enrolled_at"])
-        location = f"/students/{student_id}/courses/{data.course_id}"
         return Response(enrollment, status_code=201, headers={"Location": location})
 
     @put(

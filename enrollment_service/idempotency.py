@@ -7,15 +7,21 @@ same transaction, so an outcome is stored if and only if its change committed. W
 last is also what settles races: a concurrent request with the same key waits on the first's
 uncommitted key row, finds it taken once the first commits, rolls its own work back and
 replays the first's answer. No lookup happens before the work; the store is the check.
+
+A handler may instead store its own outcome in the very statement that makes its change (the
+keyed enroll does: one round trip instead of four). It finds the key's particulars with
+`keyed_request()`, runs that statement alone (`Database.fetchrow_alone`), and marks the request
+`stored`; anything else it sends, refusals included, is stored here as usual.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import msgspec
@@ -47,6 +53,8 @@ PRUNE_BATCH = 1000
 
 _BARE_KEY = re.compile(r"[!-~]{1,255}")
 _QUOTED_KEY = re.compile(r'"((?:[^"\\]|\\["\\])*)"')
+#: The constraint a statement that stores its own outcome fails on when the key is held already.
+KEY_CONSTRAINT = "idempotency_keys_pkey"
 KEY_MESSAGE = (
     "must be one key of 1-255 visible ASCII characters (! to ~), bare or as a quoted string"
 )
@@ -130,6 +138,35 @@ def fingerprint(method: str, path: str, body: bytes) -> bytes:
     return digest.digest()
 
 
+@dataclass(slots=True)
+class KeyedRequest:
+    """The request being served under a key, for a handler that stores its own outcome."""
+
+    method: str
+    path: str
+    key: str
+    ttl_seconds: int
+    body: bytearray = field(default_factory=bytearray)
+    #: Set by a handler whose statement stored the outcome with the change.
+    stored: bool = False
+
+    def store_arguments(self) -> tuple[str, str, bytes, int]:
+        """The scope, key, fingerprint and seconds to keep, in the order of the statements that
+        store an outcome. Called once the handler has its input, so the body has been read."""
+        stamp = fingerprint(self.method, self.path, bytes(self.body))
+        return CALLER.get(), self.key, stamp, self.ttl_seconds
+
+
+_KEYED: contextvars.ContextVar[KeyedRequest | None] = contextvars.ContextVar(
+    "keyed_request", default=None
+)
+
+
+def keyed_request() -> KeyedRequest | None:
+    """The request this task serves, when it came with a valid Idempotency-Key."""
+    return _KEYED.get()
+
+
 class IdempotencyMiddleware:
     """ASGI middleware inside the Litestar app (after routing: a route's 404 or 405 never gets
     here, so it is never stored). Requests without a key pass straight through."""
@@ -162,13 +199,14 @@ class IdempotencyMiddleware:
 
     async def _keyed(self, scope: Scope, receive: Receive, send: Send, key: str) -> None:
         db: Database = self._state.db
-        settings = self._state.settings
-        body = bytearray()
+        keyed = KeyedRequest(
+            scope["method"], scope["path"], key, self._state.settings.idempotency_key_ttl
+        )
 
         async def receive_and_keep() -> Message:
             message = await receive()
             if message["type"] == "http.request":
-                body.extend(message.get("body", b""))
+                keyed.body.extend(message.get("body", b""))
             return message
 
         response: list[Message] = []
@@ -177,15 +215,18 @@ class IdempotencyMiddleware:
             response.append(message)
 
         async with db.transaction() as transaction:
-            await self.app(scope, receive_and_keep, hold)
+            token = _KEYED.set(keyed)
+            try:
+                await self.app(scope, receive_and_keep, hold)
+            finally:
+                _KEYED.reset(token)
             outcome = _outcome_of(response)
-            if outcome is None or not _stored(outcome.status):
+            if keyed.stored or outcome is None or not _stored(outcome.status):
                 await transaction.rollback()
                 for message in response:
                     await send(message)
                 return
-            scope_name = CALLER.get()
-            stamp = fingerprint(scope["method"], scope["path"], bytes(body))
+            scope_name, key, stamp, ttl_seconds = keyed.store_arguments()
             arguments = (
                 scope_name,
                 key,
@@ -195,11 +236,11 @@ class IdempotencyMiddleware:
                 outcome.location,
                 outcome.etag,
                 outcome.body,
-                settings.idempotency_key_ttl,
+                ttl_seconds,
             )
-            if transaction.failed:
-                # The request's statement failed (a 404 or 409 told by a constraint): nothing
-                # changed, so its outcome is stored on its own.
+            if transaction.failed or not transaction.begun:
+                # The request's statement failed (a 404 or 409 told by a constraint), or it ran
+                # none: nothing changed, so its outcome is stored on its own.
                 await transaction.rollback()
             stored = await db.fetchrow(STORE, *arguments)
             if stored is not None:

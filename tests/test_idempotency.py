@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 from asgi_lifespan import LifespanManager
 
 from enrollment_service.app import create_app
+from enrollment_service.enrollments import Enrollment
 from enrollment_service.settings import load_settings
 from tests.conftest import assert_problem, create_course, create_student, error_fields
 
@@ -211,6 +214,81 @@ async def test_concurrent_requests_with_one_key_change_the_data_once(
     assert (await client.get(f"/courses/{course['id']}")).json()["enrolled_count"] == 1
 
 
+async def test_a_keyed_enroll_answers_and_replays_the_bytes_a_get_gives(
+    client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    # The keyed enroll stores its 201 in the enroll's own statement, its body written by SQL.
+    student = await create_student(client)
+    course = await create_course(client)
+    path = f"/students/{student['id']}/courses"
+    first = await client.post(path, json={"course_id": course["id"]}, headers=keyed("k-17"))
+    assert first.status_code == 201, first.text
+    assert first.headers["content-type"] == "application/json"
+    got = await client.get(first.headers["location"])
+    assert first.content == got.content, "the same encoding as every other response"
+    replay = await client.post(path, json={"course_id": course["id"]}, headers=keyed("k-17"))
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert (replay.status_code, replay.content) == (201, first.content)
+    assert replay.headers["location"] == first.headers["location"]
+    assert await _count(pool, "idempotency_keys") == 1
+
+
+async def test_enrollment_json_writes_what_the_encoder_writes(pool: asyncpg.Pool) -> None:
+    base = datetime(2026, 12, 2, 7, 4, 5, tzinfo=UTC)
+    elsewhere = timezone(timedelta(hours=-5, minutes=-30))
+    for moment in (
+        base,
+        base.replace(microsecond=1000),
+        base.replace(microsecond=123456),
+        base.replace(microsecond=10),
+        base.replace(microsecond=999999).astimezone(elsewhere),
+        datetime(1999, 12, 31, 23, 59, 59, tzinfo=elsewhere),
+    ):
+        expected = msgspec.json.encode(Enrollment(2**62, 7, moment.astimezone(UTC)))
+        written = await pool.fetchval("select enrollment_json($1, $2, $3)", 2**62, 7, moment)
+        assert written == expected, moment
+
+
+async def test_a_key_held_for_another_enrollment_undoes_the_new_one(
+    client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    student = await create_student(client)
+    first, second = await create_course(client), await create_course(client)
+    path = f"/students/{student['id']}/courses"
+    assert (await client.post(path, json={"course_id": first["id"]},
+                              headers=keyed("k-18"))).status_code == 201  # fmt: skip
+    reused = await client.post(path, json={"course_id": second["id"]}, headers=keyed("k-18"))
+    assert_problem(reused, 422, "idempotency-key-reused")
+    assert (await client.get(f"/courses/{second['id']}")).json()["enrolled_count"] == 0
+    assert await _count(pool, "student_courses") == 1
+
+
+async def test_concurrent_enrolls_of_two_courses_under_one_key_enroll_one(
+    client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    student = await create_student(client)
+    courses = [await create_course(client), await create_course(client)]
+    answers = await asyncio.gather(
+        *(
+            client.post(
+                f"/students/{student['id']}/courses",
+                json={"course_id": courses[n % 2]["id"]},
+                headers=keyed("k-19"),
+            )
+            for n in range(12)
+        )
+    )
+    assert await _count(pool, "student_courses") == 1
+    winner = await pool.fetchval("select course_id from student_courses")
+    for n, answer in enumerate(answers):
+        if courses[n % 2]["id"] == winner:
+            assert answer.status_code == 201, answer.text
+        else:
+            assert_problem(answer, 422, "idempotency-key-reused")
+    created = [a for a in answers if a.status_code == 201]
+    assert sum("idempotent-replayed" not in a.headers for a in created) == 1
+
+
 @pytest.fixture
 async def two_callers(database_url: str) -> AsyncIterator[list[httpx.AsyncClient]]:
     settings = load_settings(environ={"API_TOKENS": "lms:secret-a,billing:secret-b"})
@@ -250,11 +328,24 @@ async def test_an_expired_key_is_new_again_and_pruned(database_url: str, pool: a
         async with httpx.AsyncClient(transport=transport, base_url="http://e") as client:
             first = await client.post("/students", json=NEW_STUDENT, headers=keyed("k-15"))
             assert first.status_code == 201
+            courses = [await create_course(client), await create_course(client)]
+            path = f"/students/{first.json()['id']}/courses"
+            enrolled = await client.post(
+                path, json={"course_id": courses[0]["id"]}, headers=keyed("k-15e")
+            )
+            assert enrolled.status_code == 201
             await asyncio.sleep(1.2)
             other: dict[str, Any] = {"name": "Grace", "email": "grace@example.org"}
             fresh = await client.post("/students", json=other, headers=keyed("k-15"))
             assert fresh.status_code == 201, fresh.text
             assert "idempotent-replayed" not in fresh.headers
+            # The keyed enroll's own statement meets the expired key and takes the general path.
+            again = await client.post(
+                path, json={"course_id": courses[1]["id"]}, headers=keyed("k-15e")
+            )
+            assert again.status_code == 201, again.text
+            assert "idempotent-replayed" not in again.headers
+            assert await _count(pool, "student_courses") == 2
             # The service prunes expired keys itself, at least every TTL seconds here.
             for _ in range(40):
                 if await _count(pool, "idempotency_keys") == 0:

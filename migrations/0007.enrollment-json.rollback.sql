@@ -1,0 +1,1 @@
+drop function if exists enrollment_json(bigint, bigint, timestamptz);
