@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from enrollment_service.context import REQUEST_ID
 from enrollment_service.resources import resource_dir
 from enrollment_service.settings import Settings
 
@@ -151,16 +153,32 @@ class Query:
 
     `shape` is the Struct each row becomes when built positionally (`Student(*row)`, five times
     cheaper than `Student(**row)`): a test checks that the statement's columns are exactly its
-    fields, in order."""
+    fields, in order.
+
+    A statement that writes sets the request id the change feed records with its changes
+    (`set_config('enrollment.request_id', $n, true)`, its last parameter): the Database passes
+    the current request's id itself, after the caller's arguments."""
 
     name: str
     text: str
     shape: type[Any] | None = None
+    records_changes: bool = False
 
     @classmethod
     def load(cls, name: str, shape: type[Any] | None = None) -> Query:
         text = (SQL_DIR / f"{name}.sql").read_text(encoding="utf-8")
-        return cls(name=name, text=text, shape=shape)
+        return cls(name, text, shape, records_changes=_SETS_REQUEST_ID.search(text) is not None)
+
+    def arguments(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not self.records_changes:
+            return args
+        request_id = REQUEST_ID.get()
+        return (*args, None if request_id == "-" else request_id)
+
+
+#: How a statement takes the request id: it sets the transaction-local setting the change
+#: feed's triggers read, or hands it to a function that does.
+_SETS_REQUEST_ID = re.compile(r"set_config\('enrollment\.request_id', \$\d+|request_id => \$\d+")
 
 
 def all_query_names() -> list[str]:
@@ -196,9 +214,11 @@ class Database:
             timeout.reschedule(self._deadline)
 
     async def fetch(self, query: Query, *args: Any) -> list[asyncpg.Record]:
+        args = query.arguments(args)
         return await self._run(lambda conn: conn.fetch(query.text, *args))
 
     async def fetchrow(self, query: Query, *args: Any) -> asyncpg.Record | None:
+        args = query.arguments(args)
         return await self._run(lambda conn: conn.fetchrow(query.text, *args))
 
     async def fetchrow_alone(self, query: Query, *args: Any) -> asyncpg.Record | None:
@@ -208,6 +228,7 @@ class Database:
         transaction = _TRANSACTION.get()
         if transaction is not None and transaction.begun:
             raise RuntimeError(f"{query.name} must run alone, but the request's transaction began")
+        args = query.arguments(args)
         return await self._run(lambda conn: conn.fetchrow(query.text, *args), alone=True)
 
     @contextlib.asynccontextmanager

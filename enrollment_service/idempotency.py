@@ -27,8 +27,9 @@ from typing import Annotated, Any
 import msgspec
 from litestar.params import HeaderParameter
 
+from enrollment_service.context import CALLER
 from enrollment_service.db import Database, Query
-from enrollment_service.observability import CALLER, ASGIApp, Message, Receive, Scope, Send
+from enrollment_service.observability import ASGIApp, Message, Receive, Scope, Send
 from enrollment_service.problems import (
     PROBLEM_MEDIA_TYPE,
     DomainError,

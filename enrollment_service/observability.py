@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import hmac
 import importlib.metadata
 import logging
@@ -33,6 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
+from enrollment_service.context import CALLER, REQUEST_ID
 from enrollment_service.db import RETRY_ATTEMPTS, RETRYABLE_ERRORS, Database
 from enrollment_service.problems import PROBLEM_MEDIA_TYPE, Unauthorized, problem_document
 from enrollment_service.settings import ApiToken
@@ -44,9 +44,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[..., Awaitable[None]]
 
-REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-#: Who is calling: the name of the bearer token the request carried ("-" without tokens).
-CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="-")
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 UNAUTHENTICATED_PATHS = frozenset({"/health/live", "/health/ready"})
 UNMATCHED_ROUTE = "(unmatched)"

@@ -495,7 +495,7 @@ async def test_the_batch_migration_rolls_back_and_applies_again(
     await asyncio.to_thread(migrations.apply, url)
     conn = await asyncpg.connect(url)
     try:
-        exists = "select count(*) from pg_proc where proname = 'enrollment_batch'"
+        exists = "select count(*) from pg_proc where proname = 'enrollment_batch' and pronargs = 4"
         assert await conn.fetchval(exists) == 1
         await asyncio.to_thread(migrations.rollback, url, BATCH_MIGRATION)
         assert await conn.fetchval(exists) == 0

@@ -551,7 +551,7 @@ def test_every_statement_on_student_courses_is_placed_in_the_citus_plan() -> Non
     }
     assert touching == set(rows), "every statement on student_courses, and only those"
     pinned = re.compile(
-        r"(\bstudent_id|\bs\.id)\s*=\s*\$1\b|\(student_id, course_id\)\s*values \(\$1"
+        r"(\bstudent_id|\bs\.id)\s*=\s*\$1\b|\(student_id, course_id\)\s*(values \(|select )\$1"
     )
     for name, placement in rows.items():
         text = (sql_dir / f"{name}.sql").read_text(encoding="utf-8")

@@ -1,6 +1,7 @@
 -- patch: $1 course_id, $2 code, $3 name, $4 level (each null to keep),
 --        $5 whether capacity is being set, $6 the new capacity (null removes the limit),
---        $7 If-Match tags, $8 If-None-Match tags (each null without the header; '*' is any)
+--        $7 If-Match tags, $8 If-None-Match tags (each null without the header; '*' is any),
+--        $9 request id (for the change feed; passed by the service)
 -- returns no row when the course does not exist; else the course as it now is, its etag, and
 -- `permitted`: whether the preconditions held (when not, nothing was written).
 -- The etag is compared under the row's lock (the update's own: enrollments' foreign-key checks
@@ -8,7 +9,9 @@
 -- Only once the preconditions held: a duplicate code raises unique_violation on
 -- courses_code_key, and a capacity below enrolled_count raises check_violation on
 -- courses_enrolled_within_capacity.
-with target as (
+with request as (
+    select set_config('enrollment.request_id', $9, true)
+), target as (
     select id, code, name, level, capacity, enrolled_count, created_at,
            course_etag(id, code, name, level, capacity, enrolled_count) as etag
       from courses
@@ -25,7 +28,7 @@ with target as (
            name     = coalesce($3, courses.name),
            level    = coalesce($4, courses.level),
            capacity = case when $5 then $6 else courses.capacity end
-      from decided
+      from decided, request
      where courses.id = $1
        and decided.permitted
        and (courses.code, courses.name, courses.level, courses.capacity)

@@ -1,7 +1,10 @@
--- drop: $1 student_id, $2 course_id
+-- drop: $1 student_id, $2 course_id, $3 request id (for the change feed; passed by the service)
 -- returns one row: student_exists, dropped
-with dropped as (
+with request as (
+    select set_config('enrollment.request_id', $3, true)
+), dropped as (
     delete from student_courses
+     using request
      where student_id = $1
        and course_id = $2
     returning 1

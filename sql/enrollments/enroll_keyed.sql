@@ -1,5 +1,6 @@
 -- enroll_keyed: $1 student_id, $2 course_id, $3 scope, $4 Idempotency-Key, $5 fingerprint,
---               $6 seconds to keep the outcome, $7 the enrollment's location
+--               $6 seconds to keep the outcome, $7 the enrollment's location,
+--               $8 request id (for the change feed; passed by the service)
 -- enroll.sql for a request sent with an Idempotency-Key: when it creates the enrollment, the
 -- same statement stores the 201 under the key, so the change and its key commit together in one
 -- round trip. Returns enroll.sql's row plus `body`, the stored 201's body (null when nothing was
@@ -8,9 +9,12 @@
 -- undoes the enrollment with it: the service then takes the general path (the request in a
 -- transaction, the key stored last), which replays or re-stores as the key's state says.
 -- Every other refusal is reported as in enroll.sql, and stores nothing.
-with enrolled as (
+with request as (
+    select set_config('enrollment.request_id', $8, true)
+), enrolled as (
     insert into student_courses as sc (student_id, course_id)
-    values ($1, $2)
+    select $1, $2
+      from request
         on conflict (student_id, course_id)
         do update set enrolled_at = sc.enrolled_at
     returning enrolled_at, (xmax = 0) as created

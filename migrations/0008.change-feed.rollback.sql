@@ -1,0 +1,17 @@
+drop function if exists change_feed_head(bigint);
+drop function if exists enrollment_batch(bigint[], bigint[], boolean[], boolean, text);
+drop trigger if exists student_courses_record_change on student_courses;
+drop trigger if exists courses_record_update on courses;
+drop trigger if exists courses_record_change on courses;
+drop trigger if exists courses_record_cascade on courses;
+drop trigger if exists students_record_update on students;
+drop trigger if exists students_record_change on students;
+drop trigger if exists students_record_cascade on students;
+drop function if exists record_enrollment_change();
+drop function if exists record_course_change();
+drop function if exists record_student_change();
+drop table if exists change_feed_state;
+drop table if exists change_commits;
+drop table if exists changes;
+drop function if exists stamp_change_commit();
+drop function if exists record_change(text, bigint, bigint, json);
