@@ -16,6 +16,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 
 from enrollment_service.batch import BatchController
+from enrollment_service.changes import ChangeController, ChangeFeed, prune_old_changes
 from enrollment_service.courses import CourseController
 from enrollment_service.db import Database, open_database
 from enrollment_service.enrollments import EnrollmentController, RosterController
@@ -66,6 +67,8 @@ class Service(RequestObserver):
         self._draining = readiness.draining = True
         db: Database = self.litestar.state.db
         db.drain(grace_seconds)
+        feed: ChangeFeed = self.litestar.state.feed
+        feed.notifier.close()
         log.info("draining: readiness now answers 503; finishing in-flight requests")
 
 
@@ -94,14 +97,21 @@ def create_app(settings: Settings, database_url: str | None = None) -> Service:
         app.state.pages = Pages(db, Cursors(settings.cursor_secret))
         app.state.readiness = readiness = Readiness(settings, url)
         log.info("pool open (min %d, max %d)", settings.pool_min_size, settings.pool_max_size)
-        pruning = asyncio.create_task(
-            prune_expired_keys(db, every_seconds=min(60, settings.idempotency_key_ttl))
-        )
+        app.state.feed = feed = ChangeFeed(db)
+        retention = settings.changes_retention
+        pruning = [
+            asyncio.create_task(
+                prune_expired_keys(db, every_seconds=min(60, settings.idempotency_key_ttl))
+            ),
+            asyncio.create_task(prune_old_changes(db, retention, every_seconds=min(60, retention))),
+        ]
         try:
             yield
         finally:
-            pruning.cancel()
-            await asyncio.gather(pruning, return_exceptions=True)
+            for task in pruning:
+                task.cancel()
+            await asyncio.gather(*pruning, return_exceptions=True)
+            await feed.notifier.aclose()
             await readiness.close()
             await db.close(grace_seconds=settings.shutdown_grace_period or 5.0)
             log.info("pool closed")
@@ -120,18 +130,24 @@ def create_app(settings: Settings, database_url: str | None = None) -> Service:
         pages: Pages = state.pages
         return pages
 
+    def provide_feed() -> ChangeFeed:
+        feed: ChangeFeed = state.feed
+        return feed
+
     data_controllers = [
         StudentController,
         CourseController,
         EnrollmentController,
         RosterController,
         BatchController,
+        ChangeController,
     ]
     litestar = Litestar(
         route_handlers=[*data_controllers, HealthController, metrics_endpoint],
         dependencies={
             "db": Provide(provide_db, sync_to_thread=False),
             "pages": Provide(provide_pages, sync_to_thread=False),
+            "feed": Provide(provide_feed, sync_to_thread=False),
         },
         lifespan=[database],
         # Plain ASGI types, as RequestObserver uses.

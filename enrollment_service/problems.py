@@ -165,6 +165,16 @@ class EnrollmentExists(DomainError):
 
 
 @dataclass(eq=False)
+class CursorExpired(DomainError):
+    status, slug, title = 410, "cursor-expired", "Cursor expired"
+    detail = (
+        "Changes after this cursor are older than the feed's retention and were pruned; "
+        "start again from GET /changes/head after copying the current state from the list "
+        "endpoints"
+    )
+
+
+@dataclass(eq=False)
 class Unauthorized(DomainError):
     status, slug, title = 401, "unauthorized", "Unauthorized"
     detail = "Send a valid token as 'Authorization: Bearer <token>'"
@@ -423,6 +433,7 @@ _DESCRIPTIONS = {
     "enrollment-not-found",
     409: "conflict: the slug says which of email-taken, code-taken, already-enrolled, "
     "course-full, capacity-below-enrolled, batch-rejected, idempotency-key-in-use",
+    410: "cursor-expired: changes after the cursor were pruned (older than CHANGES_RETENTION)",
     412: "precondition-failed: If-Match names no current ETag (a weak or malformed tag never "
     "matches), or If-None-Match names the current one; nothing changed",
     413: "payload-too-large: the body exceeds 1 MiB",

@@ -60,6 +60,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Seconds `migrate` keeps retrying its first connection to a database that is not up yet."""
     retry_after_seconds: int = 2
     idempotency_key_ttl: int = 86_400
+    changes_retention: int = 604_800
     """Seconds a stored Idempotency-Key outcome is kept; after that the key is new again."""
     log_level: str = "INFO"
     log_format: LogFormat = "json"
@@ -160,6 +161,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "MIGRATE_CONNECT_TIMEOUT": ("migrate_connect_timeout", _parse_float(0, 3600)),
     "RETRY_AFTER_SECONDS": ("retry_after_seconds", _parse_int(1, 30)),
     "IDEMPOTENCY_KEY_TTL": ("idempotency_key_ttl", _parse_int(1, 365 * 86_400)),
+    "CHANGES_RETENTION": ("changes_retention", _parse_int(1, 10 * 365 * 86_400)),
     "LOG_LEVEL": ("log_level", _parse_log_level),
     "LOG_FORMAT": ("log_format", _parse_log_format),
     "CURSOR_SECRET": ("cursor_secret", _parse_nonempty),

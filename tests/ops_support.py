@@ -59,6 +59,7 @@ SERVICE_VARIABLES = frozenset(
         "MIGRATE_CONNECT_TIMEOUT",
         "RETRY_AFTER_SECONDS",
         "IDEMPOTENCY_KEY_TTL",
+        "CHANGES_RETENTION",
         "LOG_LEVEL",
         "LOG_FORMAT",
         "CURSOR_SECRET",

@@ -4,6 +4,7 @@ document: no 5xx ever, and every response conforms to what the document declares
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pytest
 
 from tests.ops_support import ServiceProcess
 
+ROOT = Path(__file__).resolve().parent.parent
 CHECKS = ",".join(
     [
         "not_a_server_error",
@@ -53,8 +55,19 @@ async def test_schemathesis_finds_no_server_error_and_no_nonconforming_response(
         "--report", "junit",
         "--report-dir", str(tmp_path),
     ]  # fmt: skip
+    environment = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     result = await asyncio.to_thread(
-        subprocess.run, command, capture_output=True, text=True, timeout=600, check=False
+        subprocess.run,
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env=environment,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "passed" in result.stdout

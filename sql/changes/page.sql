@@ -1,0 +1,34 @@
+-- page: $1 the position the page starts after (null: from the oldest retained change),
+--       $2 how many changes at most
+-- The changes after $1, oldest first, among those whose stamp is below the horizon (the oldest
+-- transaction still running, see migrations/0008.change-feed.sql): no change committing later
+-- can come before one returned here. One row per change: position, type, occurred_at,
+-- student_id, course_id, request_id, data (JSON text), each also carrying `expired` (changes
+-- after $1 were pruned: nothing else is returned), `head` (the position after every change
+-- below the horizon) and `after` (where the page starts: $1, or where pruning stopped); with no
+-- change, a single row carrying only those three.
+with horizon as (
+    select pg_snapshot_xmin(pg_current_snapshot())::text::bigint as below
+), state as (
+    select coalesce(s.pruned_through > $1, false) as expired,
+           change_feed_head(h.below) as head,
+           coalesce($1, s.pruned_through) as after,
+           h.below
+      from horizon h, change_feed_state s
+), page as (
+    select (c.stamp << 20) | ch.ordinal as position, ch.type, ch.occurred_at,
+           ch.student_id, ch.course_id, ch.request_id, ch.data::text as data
+      from state
+      join change_commits c
+        on c.stamp >= state.after >> 20
+       and c.stamp < state.below
+      join changes ch
+        on ch.txid = c.txid
+       and (c.stamp << 20) | ch.ordinal > state.after
+     where not state.expired
+     order by c.stamp, ch.ordinal
+     limit $2
+)
+select state.expired, state.head, state.after, page.*
+  from state
+  left join page on true
