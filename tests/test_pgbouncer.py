@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import configparser
 import subprocess
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -117,6 +118,27 @@ async def test_the_enrollment_flow_works_through_pgbouncer(client: httpx.AsyncCl
 
     ready = await client.get("/health/ready")
     assert ready.status_code == 200, ready.text
+
+
+async def test_the_change_feed_and_its_long_poll_work_through_pgbouncer(
+    client: httpx.AsyncClient,
+) -> None:
+    student = await create_student(client)
+    head = (await client.get("/changes/head")).json()["next_cursor"]
+
+    async def write_later() -> float:
+        await asyncio.sleep(0.5)
+        assert (await client.delete(f"/students/{student['id']}")).status_code == 204
+        return time.monotonic()
+
+    waited, committed_at = await asyncio.gather(
+        client.get("/changes", params={"after": head, "wait": 10}), write_later()
+    )
+    assert time.monotonic() - committed_at < 1.0
+    items = waited.json()["items"]
+    assert [(c["type"], c["student_id"]) for c in items] == [("student.deleted", student["id"])]
+    everything = (await client.get("/changes", params={"student_id": student["id"]})).json()
+    assert [c["type"] for c in everything["items"]] == ["student.created", "student.deleted"]
 
 
 async def test_concurrent_enrollments_of_one_pair_through_pgbouncer_give_exactly_one_201(
