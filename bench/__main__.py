@@ -148,7 +148,7 @@ class Bench:
             )
 
         def measured(run_ids: Ids) -> Result:
-            server = kw["service"]._tree() if tool == "service" else []
+            server = kw["service"].tree() if tool == "service" else []
             postgres = drivers.postgres_pids()
             server_before = drivers.cpu_seconds(server)
             db_before = drivers.cpu_seconds(postgres)

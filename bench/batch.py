@@ -97,7 +97,7 @@ class Run:
         )
 
 
-def _wrk(
+def wrk_enrollments(
     url: str, kind: str, first: int, batch: int, concurrency: int, seconds: int
 ) -> dict[str, int]:
     script = WRK_SCRIPT.substitute(
@@ -106,7 +106,7 @@ def _wrk(
     return drivers.run_wrk_script(script, f"{url}/", concurrency, seconds, timeout="30s")
 
 
-async def _count(url: str) -> int:
+async def count_enrollments(url: str) -> int:
     conn = await asyncpg.connect(url)
     try:
         count: int = await conn.fetchval("select count(*) from student_courses")
@@ -115,7 +115,7 @@ async def _count(url: str) -> int:
         await conn.close()
 
 
-async def _seed(url: str) -> None:
+async def seed_uncapped(url: str) -> None:
     conn = await asyncpg.connect(url)
     try:
         await conn.execute("truncate student_courses, students, courses restart identity")
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     with database.postgres(args.database_url) as postgres, tempfile.TemporaryFile() as log:
         database.migrate(postgres.url)
-        asyncio.run(_seed(postgres.url))
+        asyncio.run(seed_uncapped(postgres.url))
         variant = Variant("serve", workers=args.workers, pool_max=args.pool)
         service = Service(postgres.url, variant, log)
         try:
@@ -158,9 +158,11 @@ def main(argv: list[str] | None = None) -> int:
             for kind in args.kinds.split(","):
                 batch = args.batch_size if kind == "batch" else 1
                 for seconds, measured in ((args.warmup, False), (args.seconds, True)):
-                    before = asyncio.run(_count(postgres.url))
-                    result = _wrk(service.url, kind, first, batch, args.concurrency, seconds)
-                    created = asyncio.run(_count(postgres.url)) - before
+                    before = asyncio.run(count_enrollments(postgres.url))
+                    result = wrk_enrollments(
+                        service.url, kind, first, batch, args.concurrency, seconds
+                    )
+                    created = asyncio.run(count_enrollments(postgres.url)) - before
                     # wrk may have built requests it never sent: skip well past them.
                     first += (result["requests"] + args.concurrency * 2) * batch
                     if measured:

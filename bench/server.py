@@ -119,7 +119,7 @@ class Service:
             time.sleep(0.1)
         raise RuntimeError("the service did not become ready")
 
-    def _tree(self) -> list[int]:
+    def tree(self) -> list[int]:
         """The service's process and its descendants (workers)."""
         parents: dict[int, list[int]] = {}
         for entry in Path("/proc").iterdir():
@@ -142,7 +142,7 @@ class Service:
         """Peak resident memory (VmHWM) of each process that serves requests: the one process of
         a one-process server, or each worker of a multi-worker one."""
         peaks: dict[int, float] = {}
-        for pid in self._tree():
+        for pid in self.tree():
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
                 command = Path(f"/proc/{pid}/cmdline").read_bytes()

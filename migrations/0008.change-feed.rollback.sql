@@ -14,4 +14,4 @@ drop table if exists change_feed_state;
 drop table if exists change_commits;
 drop table if exists changes;
 drop function if exists stamp_change_commit();
-drop function if exists record_change(text, bigint, bigint, json);
+drop function if exists next_change_ordinal();

@@ -18,14 +18,30 @@
 -- `position` is stamp * 2^20 + ordinal: it strictly increases along the feed. Nothing is
 -- serialized: writers take no common lock.
 
+-- next_change_ordinal: 0, 1, 2, ... within the calling transaction, counted in a
+-- transaction-local setting, which a rolled-back subtransaction rolls back with the entries it
+-- recorded. (Plain SQL, so PostgreSQL inlines it into the insert that uses it.)
+create or replace function next_change_ordinal() returns integer
+language sql volatile
+as $$
+    select set_config(
+        'enrollment.change_ordinal',
+        (coalesce(nullif(current_setting('enrollment.change_ordinal', true), '')::integer, -1)
+         + 1)::text,
+        true)::integer
+$$;
+
+-- The defaults do the bookkeeping, so a trigger records a change with one insert of what it
+-- knows. The request id is the one the statement set: every statement of the service that
+-- writes sets it; anything else records null.
 create table if not exists changes (
-    txid        xid8        not null,
-    ordinal     integer     not null,
+    txid        xid8        not null default pg_current_xact_id(),
+    ordinal     integer     not null default next_change_ordinal(),
     type        text        not null,
     student_id  bigint,
     course_id   bigint,
     occurred_at timestamptz not null default now(),
-    request_id  text,
+    request_id  text        default nullif(current_setting('enrollment.request_id', true), ''),
     data        json,
     constraint changes_pkey primary key (txid, ordinal),
     constraint changes_ordinal_range check (ordinal between 0 and 1048575)
@@ -52,26 +68,6 @@ create table if not exists change_feed_state (
     pruned_through bigint  not null default 0
 );
 insert into change_feed_state (singleton) values (true) on conflict do nothing;
-
--- record_change: one entry, in the calling transaction, after the ones it recorded already.
--- The ordinal is counted in a transaction-local setting, which a rolled-back subtransaction
--- rolls back with the entries it recorded. The request id is the one the statement set (every
--- statement of the service that writes sets it; anything else records null).
-create or replace function record_change(
-    kind text, student bigint, course bigint, body json
-) returns void
-language plpgsql
-as $$
-declare
-    next_ordinal integer :=
-        coalesce(nullif(current_setting('enrollment.change_ordinal', true), '')::integer, -1) + 1;
-begin
-    perform set_config('enrollment.change_ordinal', next_ordinal::text, true);
-    insert into changes (txid, ordinal, type, student_id, course_id, request_id, data)
-    values (pg_current_xact_id(), next_ordinal, kind, student, course,
-            nullif(current_setting('enrollment.request_id', true), ''), body);
-end;
-$$;
 
 -- stamp_change_commit: at commit (deferred), once per transaction that recorded changes.
 create or replace function stamp_change_commit() returns trigger
@@ -118,27 +114,23 @@ create constraint trigger changes_stamp_at_commit
 create or replace function record_student_change() returns trigger
 language plpgsql
 as $$
-declare
-    course bigint;
 begin
     if tg_op = 'DELETE' and tg_when = 'BEFORE' then
-        for course in
-            select sc.course_id from student_courses sc
-             where sc.student_id = old.id
-             order by sc.course_id
-               for update
-        loop
-            perform record_change('enrollment.deleted', old.id, course, null);
-        end loop;
+        insert into changes (type, student_id, course_id)
+        select 'enrollment.deleted', old.id, doomed.course_id
+          from (select sc.course_id from student_courses sc
+                 where sc.student_id = old.id
+                 order by sc.course_id
+                   for update) doomed;
         return old;
     elsif tg_op = 'DELETE' then
-        perform record_change('student.deleted', old.id, null, null);
+        insert into changes (type, student_id) values ('student.deleted', old.id);
     else
-        perform record_change(
-            case tg_op when 'INSERT' then 'student.created' else 'student.updated' end,
-            new.id, null,
-            json_build_object('id', new.id, 'name', new.name, 'email', new.email,
-                              'created_at', new.created_at));
+        insert into changes (type, student_id, data)
+        values (case tg_op when 'INSERT' then 'student.created' else 'student.updated' end,
+                new.id,
+                json_build_object('id', new.id, 'name', new.name, 'email', new.email,
+                                  'created_at', new.created_at));
     end if;
     return null;
 end;
@@ -147,29 +139,25 @@ $$;
 create or replace function record_course_change() returns trigger
 language plpgsql
 as $$
-declare
-    student bigint;
 begin
     if tg_op = 'DELETE' and tg_when = 'BEFORE' then
-        for student in
-            select sc.student_id from student_courses sc
-             where sc.course_id = old.id
-             order by sc.student_id
-               for update
-        loop
-            perform record_change('enrollment.deleted', student, old.id, null);
-        end loop;
+        insert into changes (type, student_id, course_id)
+        select 'enrollment.deleted', doomed.student_id, old.id
+          from (select sc.student_id from student_courses sc
+                 where sc.course_id = old.id
+                 order by sc.student_id
+                   for update) doomed;
         return old;
     elsif tg_op = 'DELETE' then
-        perform record_change('course.deleted', null, old.id, null);
+        insert into changes (type, course_id) values ('course.deleted', old.id);
     else
-        perform record_change(
-            case tg_op when 'INSERT' then 'course.created' else 'course.updated' end,
-            null, new.id,
-            json_build_object('id', new.id, 'code', new.code, 'name', new.name,
-                              'level', new.level, 'capacity', new.capacity,
-                              'enrolled_count', new.enrolled_count,
-                              'created_at', new.created_at));
+        insert into changes (type, course_id, data)
+        values (case tg_op when 'INSERT' then 'course.created' else 'course.updated' end,
+                new.id,
+                json_build_object('id', new.id, 'code', new.code, 'name', new.name,
+                                  'level', new.level, 'capacity', new.capacity,
+                                  'enrolled_count', new.enrolled_count,
+                                  'created_at', new.created_at));
     end if;
     return null;
 end;
@@ -180,13 +168,14 @@ language plpgsql
 as $$
 begin
     if tg_op = 'INSERT' then
-        perform record_change(
-            'enrollment.created', new.student_id, new.course_id,
-            json_build_object('student_id', new.student_id, 'course_id', new.course_id,
-                              'enrolled_at', new.enrolled_at));
+        insert into changes (type, student_id, course_id, data)
+        values ('enrollment.created', new.student_id, new.course_id,
+                json_build_object('student_id', new.student_id, 'course_id', new.course_id,
+                                  'enrolled_at', new.enrolled_at));
     elsif exists (select from students where id = old.student_id)
           and exists (select from courses where id = old.course_id) then
-        perform record_change('enrollment.deleted', old.student_id, old.course_id, null);
+        insert into changes (type, student_id, course_id)
+        values ('enrollment.deleted', old.student_id, old.course_id);
     end if;
     return null;
 end;
