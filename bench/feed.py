@@ -182,7 +182,7 @@ async def _hold_readers(port: int, count: int, ready: asyncio.Event, done: async
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request)
         streams.append((reader, writer))
-    await asyncio.sleep(2)  # every request has reached its worker and waits
+    await asyncio.sleep(5)  # every request has reached its worker, read once, and waits
     ready.set()
     await done.wait()
     answered = 0

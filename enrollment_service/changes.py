@@ -24,7 +24,7 @@ from litestar.di import NamedDependency
 from litestar.params import Parameter
 
 from enrollment_service.courses import Course
-from enrollment_service.db import Database, Query
+from enrollment_service.db import Database, Query, prune_forever
 from enrollment_service.enrollments import Enrollment
 from enrollment_service.health import require_current_schema
 from enrollment_service.problems import CursorExpired, FieldError, ValidationFailed, documented
@@ -253,19 +253,16 @@ class ChangeFeed:
 
 async def prune_old_changes(db: Database, retention_seconds: int, every_seconds: float) -> None:
     """Runs for the app's lifetime: deletes changes older than the retention, a thousand
-    transactions' worth at a time, so no delete holds many rows or blocks a writer."""
-    while True:
-        await asyncio.sleep(every_seconds)
-        try:
-            while True:
-                row = await db.fetchrow(PRUNE, retention_seconds, PRUNE_BATCH)
-                deleted = row["deleted"] if row is not None else 0
-                if deleted:
-                    log.debug("pruned the changes of %d transactions", deleted)
-                if deleted < PRUNE_BATCH:
-                    break
-        except Exception as error:  # the database may be away; try again next time
-            log.warning("pruning the change feed failed: %s", type(error).__name__)
+    transactions' worth at a time, oldest first, so no delete holds many rows or blocks a
+    writer."""
+    await prune_forever(
+        db,
+        PRUNE,
+        retention_seconds,
+        batch=PRUNE_BATCH,
+        every_seconds=every_seconds,
+        what="transactions' changes from the feed",
+    )
 
 
 # --- HTTP ------------------------------------------------------------------------------------

@@ -318,6 +318,26 @@ class Database:
             self.pool.terminate()
 
 
+async def prune_forever(
+    db: Database, query: Query, *args: Any, batch: int, every_seconds: float, what: str
+) -> None:
+    """Runs for the app's lifetime: every `every_seconds`, runs `query` (a delete of at most
+    `batch` rows, given `*args` and then `batch`, answering `deleted`) until it deletes fewer
+    than `batch`, so a table does not grow and no delete holds many rows at once."""
+    while True:
+        await asyncio.sleep(every_seconds)
+        try:
+            while True:
+                row = await db.fetchrow(query, *args, batch)
+                deleted = row["deleted"] if row is not None else 0
+                if deleted:
+                    log.debug("pruned %d %s", deleted, what)
+                if deleted < batch:
+                    break
+        except Exception as error:  # the database may be away; try again next time
+            log.warning("pruning %s failed: %s", what, type(error).__name__)
+
+
 async def _keep_session(connection: asyncpg.Connection) -> None:
     """The pool's reset on release. asyncpg's default (unlock advisory locks, close cursors,
     unlisten, reset settings) costs a round trip per request and undoes nothing this service

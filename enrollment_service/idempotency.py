@@ -16,7 +16,6 @@ keyed enroll does: one round trip instead of four). It finds the key's particula
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import hashlib
 import logging
@@ -28,7 +27,7 @@ import msgspec
 from litestar.params import HeaderParameter
 
 from enrollment_service.context import CALLER
-from enrollment_service.db import Database, Query
+from enrollment_service.db import Database, Query, prune_forever
 from enrollment_service.observability import ASGIApp, Message, Receive, Scope, Send
 from enrollment_service.problems import (
     PROBLEM_MEDIA_TYPE,
@@ -292,20 +291,10 @@ def _outcome_of(messages: list[Message]) -> Outcome | None:
 
 
 async def prune_expired_keys(db: Database, every_seconds: float) -> None:
-    """Runs for the app's lifetime: deletes expired outcomes in small batches, so the table
-    does not grow and no delete holds many rows at once."""
-    while True:
-        await asyncio.sleep(every_seconds)
-        try:
-            while True:
-                row = await db.fetchrow(PRUNE, PRUNE_BATCH)
-                deleted = row["deleted"] if row is not None else 0
-                if deleted:
-                    log.debug("pruned %d expired idempotency keys", deleted)
-                if deleted < PRUNE_BATCH:
-                    break
-        except Exception as error:  # the database may be away; try again next time
-            log.warning("pruning idempotency keys failed: %s", type(error).__name__)
+    """Runs for the app's lifetime: deletes expired outcomes, a thousand at a time."""
+    await prune_forever(
+        db, PRUNE, batch=PRUNE_BATCH, every_seconds=every_seconds, what="expired idempotency keys"
+    )
 
 
 #: The parameter every POST, PATCH and DELETE handler declares: so that a bad key is a 400

@@ -1,3 +1,4 @@
+drop function if exists change_feed_page_state(bigint);
 drop function if exists change_feed_head(bigint);
 drop function if exists enrollment_batch(bigint[], bigint[], boolean[], boolean, text);
 drop trigger if exists student_courses_record_change on student_courses;

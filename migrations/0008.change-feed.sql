@@ -245,3 +245,20 @@ as $$
           limit 1),
         (select pruned_through from change_feed_state))
 $$;
+
+-- change_feed_page_state: what a page read after `cursor_position` (null: from the oldest
+-- retained change) needs besides the changes: whether changes after it were pruned
+-- (`expired`), the head, where the page starts (`after`, or where pruning stopped), and the
+-- horizon (`below`: the oldest transaction still running; only stamps below it are read).
+-- Called once per page read, in the reading statement, so all of it shares that snapshot.
+create or replace function change_feed_page_state(cursor_position bigint)
+returns table (expired boolean, head bigint, after bigint, below bigint)
+language sql stable parallel safe
+as $$
+    select coalesce(s.pruned_through > cursor_position, false),
+           change_feed_head(h.below),
+           coalesce(cursor_position, s.pruned_through),
+           h.below
+      from (select pg_snapshot_xmin(pg_current_snapshot())::text::bigint as below) h,
+           change_feed_state s
+$$;

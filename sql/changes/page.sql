@@ -7,14 +7,8 @@
 -- after $1 were pruned: nothing else is returned), `head` (the position after every change
 -- below the horizon) and `after` (where the page starts: $1, or where pruning stopped); with no
 -- change, a single row carrying only those three.
-with horizon as (
-    select pg_snapshot_xmin(pg_current_snapshot())::text::bigint as below
-), state as (
-    select coalesce(s.pruned_through > $1, false) as expired,
-           change_feed_head(h.below) as head,
-           coalesce($1, s.pruned_through) as after,
-           h.below
-      from horizon h, change_feed_state s
+with state as (
+    select * from change_feed_page_state($1)
 ), page as (
     select (c.stamp << 20) | ch.ordinal as position, ch.type, ch.occurred_at,
            ch.student_id, ch.course_id, ch.request_id, ch.data::text as data

@@ -4,14 +4,8 @@
 -- page.sql for the changes about one student, one course, or both (an enrollment's changes
 -- are about its student and its course): found through the id indexes, then ordered, so a
 -- student's or course's history costs what its own length does. Returns what page.sql does.
-with horizon as (
-    select pg_snapshot_xmin(pg_current_snapshot())::text::bigint as below
-), state as (
-    select coalesce(s.pruned_through > $1, false) as expired,
-           change_feed_head(h.below) as head,
-           coalesce($1, s.pruned_through) as after,
-           h.below
-      from horizon h, change_feed_state s
+with state as (
+    select * from change_feed_page_state($1)
 ), about as (
     select txid, ordinal
       from changes
