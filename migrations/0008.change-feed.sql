@@ -77,13 +77,14 @@ declare
     top      bigint := pg_current_xact_id()::text::bigint;
     sub      bigint;
     stamped  bigint;
+    inserted tid;
 begin
     -- The exception clause makes the block a subtransaction; its first write gives it a
     -- transaction id of its own, which the inserted row carries as xmin.
     begin
         insert into change_commits (txid, committed_at)
         values (top::text::xid8, clock_timestamp())
-        returning xmin::text::bigint into sub;
+        returning ctid, xmin::text::bigint into inserted, sub;
     exception when others then
         raise;
     end;
@@ -92,7 +93,8 @@ begin
     if stamped < top then
         stamped := stamped + 4294967296;
     end if;
-    update change_commits set stamp = stamped where txid = top::text::xid8;
+    -- By ctid: a plan cached while the table was small could otherwise scan it all.
+    update change_commits set stamp = stamped where ctid = inserted;
     return null;
 end;
 $$;

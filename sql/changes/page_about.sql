@@ -4,7 +4,7 @@
 -- page.sql for the changes about one student, one course, or both (an enrollment's changes
 -- are about its student and its course): found through the id indexes, then ordered, so a
 -- student's or course's history costs what its own length does. Returns what page.sql does.
-with state as (
+with state as materialized (
     select * from change_feed_page_state($1)
 ), about as (
     select txid, ordinal
@@ -16,21 +16,21 @@ with state as (
       from changes
      where $3::bigint is null
        and course_id = $4
-), page as (
-    select (c.stamp << 20) | ch.ordinal as position, ch.type, ch.occurred_at,
-           ch.student_id, ch.course_id, ch.request_id, ch.data::text as data
-      from state, about a
-      join change_commits c
-        on c.txid = a.txid
-      join changes ch
-        on ch.txid = a.txid
-       and ch.ordinal = a.ordinal
-     where not state.expired
-       and c.stamp < state.below
-       and (c.stamp << 20) | ch.ordinal > state.after
-     order by c.stamp, ch.ordinal
-     limit $2
 )
 select state.expired, state.head, state.after, page.*
   from state
-  left join page on true
+  left join lateral (
+      select (c.stamp << 20) | ch.ordinal as position, ch.type, ch.occurred_at,
+             ch.student_id, ch.course_id, ch.request_id, ch.data::text as data
+        from about a
+        join change_commits c
+          on c.txid = a.txid
+        join changes ch
+          on ch.txid = a.txid
+         and ch.ordinal = a.ordinal
+       where not state.expired
+         and c.stamp < state.below
+         and (c.stamp << 20) | ch.ordinal > state.after
+       order by c.stamp, ch.ordinal
+       limit $2
+  ) page on true
