@@ -66,16 +66,23 @@ def _transactions(url: str) -> int:
     return count
 
 
+#: An idle backend reports its transactions to pg_stat_database within this many seconds
+#: (PostgreSQL's PGSTAT_IDLE_INTERVAL is 10 s): a window's count waits this long at each end.
+STATS_LAG = 11
+
+
 def _measure(url: str, service: Service, seconds: float) -> Window:
     """The cost of the next `seconds`, whatever is happening meanwhile."""
     postgres = drivers.postgres_pids()
+    time.sleep(STATS_LAG)  # what ran before has been counted
     transactions = _transactions(url)
     service_cpu, db_cpu = drivers.cpu_seconds(service.tree()), drivers.cpu_seconds(postgres)
     time.sleep(seconds)
     service_cpu = drivers.cpu_seconds(service.tree()) - service_cpu
     db_cpu = drivers.cpu_seconds(postgres) - db_cpu
-    time.sleep(1.2)  # PostgreSQL's statistics reach the view within a second
-    return Window(seconds, service_cpu, db_cpu, _transactions(url) - transactions)
+    time.sleep(STATS_LAG)  # what ran in the window has been counted (and only a little more)
+    counted = _transactions(url) - transactions
+    return Window(seconds, service_cpu, db_cpu, round(counted * seconds / (seconds + STATS_LAG)))
 
 
 def enroll_with_and_without(url: str, service: Service, seconds: int, warmup: int,

@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cpu-only", action="store_true", help="measure CPU per request; no py-spy profile"
     )
+    parser.add_argument("--raw", type=Path, help="also keep py-spy's raw stacks in this file")
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not args.cpu_only and not Path(py_spy).exists():
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 service.stop()
         print(_summary(endpoint.key, args.concurrency, result, cpu))
+        if args.raw:
+            shutil.copyfile(collapsed, args.raw)
         total, ranked = top_frames(collapsed, args.top)
         print(f"{total} samples; share of samples each frame appears in:")
         for share, frame in ranked:
