@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.plan import PAGE, Endpoint, Ids, fresh_pair
+from bench.plan import BATCH_ITEMS, CHANGES_PAGE, PAGE, Endpoint, Ids, fresh_pair
 from enrollment_service.db import Query
 
 
@@ -130,13 +130,27 @@ if kind ~= "health" then
       return wrk.format("GET", string.format("/students/%d/courses", math.random(1, students)))
     elseif kind == "roster" then
       return wrk.format("GET", string.format("/courses/%d/students", math.random(1, courses)))
+    elseif kind == "changes" then
+      return wrk.format("GET", "/changes?limit=$changes_page")
     end
     -- enroll: the same fresh-pair arithmetic as bench.plan.fresh_pair
-    local i = counter
-    counter = counter + 1
-    local r = i % span
-    local q = (i - r) / span
-    local student, course = base + r, 1 + (q + r) % courses
+    local function fresh_pair()
+      local i = counter
+      counter = counter + 1
+      local r = i % span
+      local q = (i - r) / span
+      return base + r, 1 + (q + r) % courses, i
+    end
+    if kind == "batch" then
+      local items = {}
+      for n = 1, $batch_items do
+        local s, c = fresh_pair()
+        items[n] = string.format('{"student_id":%d,"course_id":%d}', s, c)
+      end
+      return wrk.format("POST", "/enrollments/batch", json_headers,
+                        '{"items":[' .. table.concat(items, ",") .. ']}')
+    end
+    local student, course, i = fresh_pair()
     if kind == "enroll_put" then
       return wrk.format("PUT", string.format("/students/%d/courses/%d", student, course))
     end
@@ -205,6 +219,8 @@ def wrk(
         newcomer_base=ids.newcomer_base,
         newcomers=max(ids.newcomers, 1),
         seed=seed,
+        batch_items=BATCH_ITEMS,
+        changes_page=CHANGES_PAGE,
     )
     path = endpoint.path if endpoint.key == "health" else "/"
     data = run_wrk_script(script, f"{base_url}{path}", concurrency, seconds, timeout="10s")
@@ -230,21 +246,22 @@ def wrk(
 # --- The database alone: asyncpg ------------------------------------------------------------
 
 
-def query_args(endpoint: Endpoint, ids: Ids) -> Callable[[int, int], tuple[int, ...]]:
+def query_args(endpoint: Endpoint, ids: Ids) -> Callable[[int, int], tuple[int | None, ...]]:
     """What the service passes to the endpoint's statement, for request number i (r random)."""
     if endpoint.key == "student_courses":
         return lambda i, r: (1 + r % ids.students, 0, PAGE + 1)
     if endpoint.key == "roster":
         return lambda i, r: (1 + r % ids.courses, 0, PAGE + 1)
     if endpoint.key == "enroll":
-        return lambda i, r: fresh_pair(i, ids)
+        # And the request id every writing statement takes last (none here, as from psql).
+        return lambda i, r: (*fresh_pair(i, ids), None)
     raise ValueError(f"{endpoint.key} runs no SQL")
 
 
 async def _asyncpg_loop(
     url: str,
     sql: str,
-    args: Callable[[int, int], tuple[int, ...]],
+    args: Callable[[int, int], tuple[int | None, ...]],
     concurrency: int,
     seconds: int,
     first: int = 0,
@@ -347,8 +364,12 @@ def asyncpg_loop(
 def pgbench_script(endpoint: Endpoint) -> str:
     """The endpoint's SQL file as a pgbench script: `$n` become pgbench variables."""
     assert endpoint.query is not None
-    text = Query.load(endpoint.query).text
-    sql = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
+    query = Query.load(endpoint.query)
+    sql = "\n".join(line for line in query.text.splitlines() if not line.lstrip().startswith("--"))
+    if query.records_changes:
+        # Its last parameter is the request id, text, which a pgbench variable cannot be.
+        last = max(int(n) for n in re.findall(r"\$(\d+)", sql))
+        sql = re.sub(rf"\${last}\b", "'pgbench'", sql)
     sql = re.sub(r"\$(\d+)", r":p\1", sql).strip() + ";\n"
     if endpoint.key == "student_courses":
         header = "\\set p1 random(1, :students)\n"

@@ -67,12 +67,18 @@ ENROLL_KEYED = Endpoint("enroll_keyed", "POST", "/students/{id}/courses", "enrol
 ENROLL_PUT = Endpoint(
     "enroll_put", "PUT", "/students/{id}/courses/{course_id}", "enrollments/enroll"
 )
-PROFILED = (*ENDPOINTS, ENROLL_KEYED, ENROLL_PUT)
+#: A batch of BATCH_ITEMS fresh pairs per request; and a page of CHANGES_PAGE changes from the
+#: start of a feed with history (bench.profile makes it).
+BATCH = Endpoint("batch", "POST", "/enrollments/batch", "enrollments/batch")
+BATCH_ITEMS = 100
+CHANGES = Endpoint("changes", "GET", "/changes", "changes/page")
+CHANGES_PAGE = 100
+PROFILED = (*ENDPOINTS, ENROLL_KEYED, ENROLL_PUT, BATCH, CHANGES)
 
 
 def is_enrollment(endpoint: Endpoint) -> bool:
     """An endpoint that writes fresh pairs, so each run needs newcomers of its own."""
-    return endpoint.key.startswith("enroll")
+    return endpoint.key.startswith("enroll") or endpoint is BATCH
 
 
 @dataclass(frozen=True, slots=True)

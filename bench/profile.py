@@ -22,7 +22,16 @@ import tempfile
 from pathlib import Path
 
 from bench import database, drivers
-from bench.plan import PROFILED, SCALES, Ids, is_enrollment, newcomers_needed
+from bench.plan import (
+    BATCH,
+    BATCH_ITEMS,
+    CHANGES,
+    PROFILED,
+    SCALES,
+    Ids,
+    is_enrollment,
+    newcomers_needed,
+)
 from bench.server import Service, Variant
 
 _NOISE = re.compile(r"\(/[^)]*?(site-packages|lib/python3\.\d+|work/[^/]+)/")
@@ -46,10 +55,16 @@ def top_frames(collapsed: Path, count: int) -> tuple[int, list[tuple[float, str]
     return total, ranked
 
 
+#: Changes in the feed before a `changes` run: its pages are read from the start.
+HISTORY = 20_000
+
+
 def _summary(key: str, concurrency: int, result: drivers.Result, cpu: float) -> str:
+    per_request = 1e6 * cpu / max(result.requests, 1)
+    per_item = f" ({per_request / BATCH_ITEMS:,.1f} us per item)" if key == BATCH.key else ""
     return (
         f"{key} at c={concurrency}: {result.rps:,.0f} req/s, errors {result.errors}, "
-        f"server CPU {1e6 * cpu / max(result.requests, 1):,.0f} us per request"
+        f"server CPU {per_request:,.0f} us per request{per_item}"
     )
 
 
@@ -77,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         database.migrate(pg.url)
         asyncio.run(database.seed(pg.url, scale))
+        if endpoint is CHANGES:
+            asyncio.run(database.add_history(pg.url, HISTORY))
         seeded = Ids(scale.students, scale.courses)
 
         def run_ids(seconds: int) -> Ids:
