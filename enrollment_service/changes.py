@@ -154,6 +154,7 @@ class ChangeNotifier:
         self._waiting = 0
         self._poller: asyncio.Task[None] | None = None
         self._closed = False
+        self._failing = False
 
     @property
     def closed(self) -> bool:
@@ -198,8 +199,13 @@ class ChangeNotifier:
             try:
                 row = await self._db.fetchrow(HEAD)
             except Exception as error:  # the database may be away: readers time out as usual
-                log.warning("change feed: reading the head failed: %s", type(error).__name__)
+                if not self._failing:  # once per outage, not five times a second
+                    log.warning("change feed: reading the head failed: %s", type(error).__name__)
+                self._failing = True
             else:
+                if self._failing:
+                    log.info("change feed: reading the head works again")
+                self._failing = False
                 head: int = row["head"] if row is not None else 0
                 self.polls += 1
                 if head != self._head:
