@@ -18,6 +18,9 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter
 from litestar.response import Response
 
+from enrollment_service.db import Database, Query
+from enrollment_service.problems import PreconditionFailed
+
 WILDCARD = "*"
 
 IfMatch = Annotated[
@@ -99,3 +102,23 @@ def tagged_unless_known(content: Any, etag: str, if_none_match: str | None) -> R
         if known and (known[0] == WILDCARD or etag in known):
             return Response(None, status_code=304, headers={"ETag": f'"{etag}"'})
     return tagged(content, etag)
+
+
+async def delete_if_matching(
+    db: Database,
+    query: Query,
+    resource: str,
+    resource_id: int,
+    if_match: str | None,
+    if_none_match: str | None,
+    missing: Exception,
+) -> None:
+    """DELETE of one student or course under its preconditions: `query` checks the ETag and
+    deletes under the row's lock, answering no row for a missing resource, else `permitted`."""
+    row = await db.fetchrow(
+        query, resource_id, if_match_tags(if_match), if_none_match_tags(if_none_match)
+    )
+    if row is None:
+        raise missing
+    if not row[0]:
+        raise PreconditionFailed(resource, resource_id)

@@ -18,6 +18,7 @@ from enrollment_service.conditional import (
     NOT_MODIFIED,
     IfMatch,
     IfNoneMatch,
+    delete_if_matching,
     if_match_tags,
     if_none_match_tags,
     tagged,
@@ -223,10 +224,6 @@ class CourseController(Controller):
         if_none_match: IfNoneMatch = None,
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> None:
-        row = await db.fetchrow(
-            DELETE, course_id, if_match_tags(if_match), if_none_match_tags(if_none_match)
+        await delete_if_matching(
+            db, DELETE, "Course", course_id, if_match, if_none_match, CourseNotFound(course_id)
         )
-        if row is None:
-            raise CourseNotFound(course_id)
-        if not row[0]:
-            raise PreconditionFailed("Course", course_id)

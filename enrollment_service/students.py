@@ -18,6 +18,7 @@ from enrollment_service.conditional import (
     NOT_MODIFIED,
     IfMatch,
     IfNoneMatch,
+    delete_if_matching,
     if_match_tags,
     if_none_match_tags,
     tagged,
@@ -202,10 +203,6 @@ class StudentController(Controller):
         if_none_match: IfNoneMatch = None,
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> None:
-        row = await db.fetchrow(
-            DELETE, student_id, if_match_tags(if_match), if_none_match_tags(if_none_match)
+        await delete_if_matching(
+            db, DELETE, "Student", student_id, if_match, if_none_match, StudentNotFound(student_id)
         )
-        if row is None:
-            raise StudentNotFound(student_id)
-        if not row[0]:
-            raise PreconditionFailed("Student", student_id)
