@@ -102,6 +102,24 @@ class Pages:
         starts after, then how many rows to fetch (one more than the page holds)."""
         return await self.db.fetch(query, *args, self.cursors.decode(cursor, listing), limit + 1)
 
+    async def fetch_json(
+        self, query: Query, listing: str, cursor: str | None, limit: int, owner_id: int
+    ) -> bytes | None:
+        """One page of `listing`, the owner's, as the JSON body its page Struct encodes to, the
+        items written by PostgreSQL: `query` is run with `owner_id`, the id the page starts
+        after and how many rows to fetch (one more than the page holds), and answers `items`
+        (the page's items, a JSON array), `last_id` and `more` (whether a next page exists), or
+        no row when the owner does not exist (then None)."""
+        after = self.cursors.decode(cursor, listing)
+        row = await self.db.fetchrow(query, owner_id, after, limit + 1)
+        if row is None:
+            return None
+        if row["more"]:
+            next_cursor = b'"%s"' % self.cursors.encode(row["last_id"], listing).encode()
+        else:
+            next_cursor = b"null"
+        return b'{"items":%s,"next_cursor":%s}' % (row["items"], next_cursor)
+
     def page(
         self,
         page_type: type[P],
