@@ -188,7 +188,7 @@ _LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
 def _pool_readings(db: Database) -> tuple[int, int, int, int]:
     """size, in use, idle, max: what _POOL_GAUGES report, in that order."""
     size = db.pool.get_size()
-    idle = db.pool.get_idle_size()
+    idle = db.idle_connections()
     return size, size - idle, idle, db.pool.get_max_size()
 
 

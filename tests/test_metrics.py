@@ -155,6 +155,9 @@ async def test_every_statement_observes_its_wait_for_a_connection(
     assert after.value(f"{waits}_bucket", le="+Inf") == after.value(f"{waits}_count")
 
 
+SELECT_ONE = Query("test/select-one", "select 1")
+
+
 # Two statements taking the same two advisory locks in opposite orders: a real deadlock, which
 # PostgreSQL breaks (after deadlock_timeout) by failing one of them.
 LOCK_ONE_THEN_TWO = Query(
@@ -239,13 +242,25 @@ async def test_503_database_unavailable_is_counted_by_cause(database_url: str) -
     async with LifespanManager(service), client:
         assert (await client.get("/students")).status_code == 200
         db: Database = service.litestar.state.db
-        # The pool's only connection taken: requests wait the acquire timeout, then get 503.
-        held = await db.pool.acquire()
+        # The pool's only connection held by a transaction of the app's Database (the pool is
+        # the Database's alone), in a task of its own: requests wait the acquire timeout, then
+        # get 503.
+        holding, done = asyncio.Event(), asyncio.Event()
+
+        async def hold_the_connection() -> None:
+            async with db.transaction():
+                await db.fetchrow(SELECT_ONE)
+                holding.set()
+                await done.wait()
+
+        holder = asyncio.create_task(hold_the_connection())
+        await holding.wait()
         try:
             for _ in range(2):
                 assert_problem(await client.get("/students"), 503, "database-unavailable")
         finally:
-            await db.pool.release(held)
+            done.set()
+            await holder
         metrics = await scrape(client)
     unavailable = "enrollment_http_unavailable_responses_total"
     assert metrics.value(unavailable, cause="database-unavailable") == 2
