@@ -79,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         "--cpu-only", action="store_true", help="measure CPU per request; no py-spy profile"
     )
     parser.add_argument("--raw", type=Path, help="also keep py-spy's raw stacks in this file")
+    parser.add_argument(
+        "--server",
+        choices=("serve", "uvicorn", "granian"),
+        default="serve",
+        help="serve: the production command; uvicorn or granian: bench.asgi:app under it, for "
+        "comparing servers by CPU per request (granian: `.venv/bin/pip install granian`)",
+    )
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not args.cpu_only and not Path(py_spy).exists():
@@ -104,20 +111,22 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(database.add_newcomers(pg.url, seeded, needed))
 
         with (Path(work) / "server.log").open("wb") as log:
-            service = Service(pg.url, Variant(workers=1), log)
+            service = Service(pg.url, Variant(server=args.server, workers=1), log)
             try:
                 service.wait_ready()
                 c, seconds = args.concurrency, args.seconds
                 drivers.wrk(service.url, endpoint, run_ids(2), "10k", c, 2)  # warm-up
                 # CPU per request from a run of its own: py-spy pauses the process to sample it.
-                before = drivers.cpu_seconds([service.process.pid])
+                # The whole process tree: granian serves from a child process.
+                before = drivers.cpu_seconds(service.tree())
                 result = drivers.wrk(service.url, endpoint, run_ids(seconds), "10k", c, seconds)
-                cpu = drivers.cpu_seconds([service.process.pid]) - before
+                cpu = drivers.cpu_seconds(service.tree()) - before
                 if args.cpu_only:
                     print(_summary(endpoint.key, args.concurrency, result, cpu))
                     return 0
                 collapsed = Path(work) / "profile.txt"
                 record = [py_spy, "record", "--pid", str(service.process.pid), "--rate", "200"]
+                record += ["--subprocesses"] if args.server != "serve" else []
                 spy = subprocess.Popen(
                     [
                         *record,

@@ -16,7 +16,7 @@ import secrets
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import msgspec
 from prometheus_client import (
@@ -149,6 +149,46 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-5s [%(request_id)s] %(name)s: %(message)s")
 
 
+class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler that, on the event loop's thread, writes its lines at the end of the
+    loop's current pass, all of them at once: under load several requests end in one pass, and
+    one write per access-log line cost a tenth of the line. Elsewhere (other threads, no loop)
+    and at exit (`logging.shutdown` flushes every handler) it writes at once, as
+    StreamHandler does. A process killed outright loses at most the lines of one pass."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        # The loop whose current pass ends with a flush, if any.
+        self._flush_on: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._pending.append(self.format(record) + self.terminator)
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread: write now
+            self.flush()
+            return
+        if self._flush_on is not loop:
+            loop.call_soon(self.flush)
+            self._flush_on = loop
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._flush_on = None
+            if self._pending:
+                lines, self._pending = "".join(self._pending), []
+                try:
+                    self.stream.write(lines)
+                except Exception:  # as StreamHandler: never let logging break the caller
+                    self.handleError(logging.makeLogRecord({"msg": lines}))
+            super().flush()
+
+
 def configure_logging(level: str, log_format: str) -> None:
     # Neither formatter writes where a line was logged from, nor the thread's or process's name:
     # not collecting them for every record (logging's documented switches) saves a tenth of
@@ -157,7 +197,7 @@ def configure_logging(level: str, log_format: str) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BatchingStreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
