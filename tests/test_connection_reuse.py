@@ -38,7 +38,8 @@ async def test_a_kept_connection_goes_back_to_the_pool_within_a_second(db: Datab
     first = await db.fetchrow(BACKEND_PID)
     assert kept(db) == 1
     second = await db.fetchrow(BACKEND_PID)
-    assert first is not None and second is not None
+    assert first is not None
+    assert second is not None
     assert first["pid"] == second["pid"]  # the same connection, taken again
     await asyncio.sleep(KEEP_SECONDS + 0.5)
     assert kept(db) == 0
@@ -112,7 +113,8 @@ async def test_a_connection_lost_while_kept_is_replaced_not_used(
     db: Database, pool: asyncpg.Pool
 ) -> None:
     row = await db.fetchrow(BACKEND_PID)
-    assert row is not None and kept(db) == 1
+    assert row is not None
+    assert kept(db) == 1
     assert await pool.fetchval("select pg_terminate_backend($1)", row["pid"])
     await asyncio.sleep(0.2)  # the client reads the server's goodbye
     again = await db.fetchrow(BACKEND_PID)
