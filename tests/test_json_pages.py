@@ -165,3 +165,16 @@ async def test_an_owner_with_nothing_enrolled_gets_an_empty_page_and_a_missing_o
         assert response.content == b'{"items":[],"next_cursor":null}'
     assert (await client.get(f"/students/{student['id'] + 1}/courses")).status_code == 404
     assert (await client.get(f"/courses/{course['id'] + 1}/students")).status_code == 404
+
+
+async def test_the_openapi_document_still_names_the_page_structs(client: httpx.AsyncClient) -> None:
+    # The bytes come from PostgreSQL; the documented shape must still be the Structs'.
+    document = (await client.get("/schema/openapi.json")).json()
+    for path, struct in (
+        ("/students/{student_id}/courses", "EnrolledCoursePage"),
+        ("/courses/{course_id}/students", "RosterPage"),
+    ):
+        content = document["paths"][path]["get"]["responses"]["200"]["content"]
+        assert content["application/json"]["schema"] == {"$ref": f"#/components/schemas/{struct}"}
+        fields = document["components"]["schemas"][struct]["properties"]
+        assert set(fields) == {"items", "next_cursor"}
