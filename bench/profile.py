@@ -1,8 +1,8 @@
 """`python -m bench.profile ENDPOINT`: where one server process spends its CPU on one endpoint.
 
-Seeds the 10k scale on an embedded PostgreSQL, serves it with `enrollment-service serve` (one
-worker, production logging), and drives the endpoint with wrk twice: once to measure the server's
-CPU time per request, once while py-spy samples it; prints both. py-spy is not a
+Seeds the 10k scale (or --scale) on an embedded PostgreSQL, serves it with `enrollment-service
+serve` (one worker, production logging), and drives the endpoint with wrk twice: once to measure
+the server's CPU time per request, once while py-spy samples it; prints both. py-spy is not a
 dependency: `.venv/bin/pip install py-spy` first.
 
 .venv/bin/python -m bench.profile roster          # or health, student_courses, enroll, ...
@@ -59,12 +59,13 @@ def top_frames(collapsed: Path, count: int) -> tuple[int, list[tuple[float, str]
 HISTORY = 20_000
 
 
-def _summary(key: str, concurrency: int, result: drivers.Result, cpu: float) -> str:
+def _summary(key: str, concurrency: int, result: drivers.Result, cpu: float, db_cpu: float) -> str:
     per_request = 1e6 * cpu / max(result.requests, 1)
     per_item = f" ({per_request / BATCH_ITEMS:,.1f} us per item)" if key == BATCH.key else ""
     return (
         f"{key} at c={concurrency}: {result.rps:,.0f} req/s, errors {result.errors}, "
-        f"server CPU {per_request:,.0f} us per request{per_item}"
+        f"server CPU {per_request:,.0f} us per request{per_item}, "
+        f"PostgreSQL {1e6 * db_cpu / max(result.requests, 1):,.0f} us"
     )
 
 
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("endpoint", choices=keys)
     parser.add_argument("--seconds", type=int, default=10, help="sampled seconds")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--scale", choices=list(SCALES), default="10k", help="data to seed")
     parser.add_argument("--top", type=int, default=45, help="frames to print")
     parser.add_argument(
         "--cpu-only", action="store_true", help="measure CPU per request; no py-spy profile"
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.profile: py-spy is missing: .venv/bin/pip install py-spy", file=sys.stderr)
         return 2
     endpoint = next(e for e in PROFILED if e.key == args.endpoint)
-    scale = SCALES["10k"]
+    scale = SCALES[args.scale]
     with (
         database.postgres(None) as pg,
         tempfile.TemporaryDirectory(prefix="bench-profile-") as work,
@@ -115,14 +117,22 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 service.wait_ready()
                 c, seconds = args.concurrency, args.seconds
-                drivers.wrk(service.url, endpoint, run_ids(2), "10k", c, 2)  # warm-up
+
+                def drive(seconds: int) -> drivers.Result:
+                    return drivers.wrk(
+                        service.url, endpoint, run_ids(seconds), scale.name, c, seconds
+                    )
+
+                drive(2)  # warm-up
                 # CPU per request from a run of its own: py-spy pauses the process to sample it.
                 # The whole process tree: granian serves from a child process.
                 before = drivers.cpu_seconds(service.tree())
-                result = drivers.wrk(service.url, endpoint, run_ids(seconds), "10k", c, seconds)
+                db_before = drivers.cpu_seconds(drivers.postgres_pids())
+                result = drive(seconds)
                 cpu = drivers.cpu_seconds(service.tree()) - before
+                db_cpu = drivers.cpu_seconds(drivers.postgres_pids()) - db_before
                 if args.cpu_only:
-                    print(_summary(endpoint.key, args.concurrency, result, cpu))
+                    print(_summary(endpoint.key, args.concurrency, result, cpu, db_cpu))
                     return 0
                 collapsed = Path(work) / "profile.txt"
                 record = [py_spy, "record", "--pid", str(service.process.pid), "--rate", "200"]
@@ -136,11 +146,11 @@ def main(argv: list[str] | None = None) -> int:
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
-                drivers.wrk(service.url, endpoint, run_ids(seconds), "10k", c, seconds)
+                drive(seconds)
                 spy.wait(timeout=seconds + 30)
             finally:
                 service.stop()
-        print(_summary(endpoint.key, args.concurrency, result, cpu))
+        print(_summary(endpoint.key, args.concurrency, result, cpu, db_cpu))
         if args.raw:
             shutil.copyfile(collapsed, args.raw)
         total, ranked = top_frames(collapsed, args.top)
