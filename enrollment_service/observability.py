@@ -13,9 +13,10 @@ import os
 import platform
 import re
 import secrets
+import select
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from typing import Any, TextIO
 
 import msgspec
@@ -149,12 +150,19 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-5s [%(request_id)s] %(name)s: %(message)s")
 
 
+#: The most bytes one write to a pipe keeps whole when other processes write to it too (POSIX
+#: guarantees at least 512; Linux 4096): several workers share the container's stderr.
+ATOMIC_WRITE_BYTES = getattr(select, "PIPE_BUF", 512)
+
+
 class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A StreamHandler that, on the event loop's thread, writes its lines at the end of the
-    loop's current pass, all of them at once: under load several requests end in one pass, and
-    one write per access-log line cost a tenth of the line. Elsewhere (other threads, no loop)
-    and at exit (`logging.shutdown` flushes every handler) it writes at once, as
-    StreamHandler does. A process killed outright loses at most the lines of one pass."""
+    loop's current pass, together: under load several requests end in one pass, and one write
+    per access-log line cost a tenth of the line. Each write holds whole lines and at most
+    ATOMIC_WRITE_BYTES (unless one line is longer), so that lines of several workers on one
+    pipe never interleave. Elsewhere (other threads, no loop) and at exit (`logging.shutdown`
+    flushes every handler) it writes at once, as StreamHandler does. A process killed outright
+    loses at most the lines of one pass."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
@@ -180,13 +188,29 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
             self._flush_on = None
-            if self._pending:
-                lines, self._pending = "".join(self._pending), []
+            pending, self._pending = self._pending, []
+            for chunk in _whole_lines_at_most(pending, ATOMIC_WRITE_BYTES):
                 try:
-                    self.stream.write(lines)
+                    self.stream.write(chunk)
+                    super().flush()
                 except Exception:  # as StreamHandler: never let logging break the caller
-                    self.handleError(logging.makeLogRecord({"msg": lines}))
-            super().flush()
+                    self.handleError(logging.makeLogRecord({"msg": chunk}))
+
+
+def _whole_lines_at_most(lines: list[str], limit: int) -> Iterator[str]:
+    """`lines` joined into as few chunks as can each hold at most `limit` bytes (UTF-8), a line
+    longer than that on its own."""
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        length = len(line) if line.isascii() else len(line.encode())
+        if chunk and size + length > limit:
+            yield "".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += length
+    if chunk:
+        yield "".join(chunk)
 
 
 def configure_logging(level: str, log_format: str) -> None:

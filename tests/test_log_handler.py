@@ -12,18 +12,26 @@ from collections.abc import Iterator
 
 import pytest
 
-from enrollment_service.observability import BatchingStreamHandler, JsonFormatter
+from enrollment_service.observability import (
+    ATOMIC_WRITE_BYTES,
+    BatchingStreamHandler,
+    JsonFormatter,
+)
 
 
 class CountingStream(io.StringIO):
-    """A real text stream that counts the writes it is given."""
+    """A real text stream that keeps the writes it is given."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.writes = 0
+        self.chunks: list[str] = []
+
+    @property
+    def writes(self) -> int:
+        return len(self.chunks)
 
     def write(self, text: str) -> int:
-        self.writes += 1
+        self.chunks.append(text)
         return super().write(text)
 
 
@@ -105,3 +113,26 @@ async def test_json_lines_stay_one_object_per_line(
     assert len(lines) == 5
     assert all(line.startswith("{") and line.endswith("}") for line in lines)
     assert '"status":204' in lines[4]
+
+
+async def test_a_busy_pass_is_written_in_whole_lines_each_write_short_enough_to_stay_whole(
+    logged: tuple[logging.Logger, CountingStream],
+) -> None:
+    # Several workers share one stderr pipe: a write longer than PIPE_BUF may interleave with
+    # theirs, so no write may be longer, nor end inside a line.
+    logger, stream = logged
+    lines = [f"request {n} " + ("é" if n % 7 == 0 else "x") * (40 + n % 90) for n in range(300)]
+    long_line = "L" * (ATOMIC_WRITE_BYTES + 100)
+    for line in [*lines[:150], long_line, *lines[150:]]:
+        logger.info("%s", line)
+    await asyncio.sleep(0)
+    assert stream.getvalue() == "".join(
+        f"{line}\n" for line in [*lines[:150], long_line, *lines[150:]]
+    )
+    assert stream.writes > 1
+    for chunk in stream.chunks:
+        assert chunk.endswith("\n")
+        assert len(chunk.encode()) <= ATOMIC_WRITE_BYTES or chunk == long_line + "\n"
+    # And as few writes as that allows: no two neighbours would have fitted in one.
+    for first, second in zip(stream.chunks, stream.chunks[1:], strict=False):
+        assert len((first + second).encode()) > ATOMIC_WRITE_BYTES
