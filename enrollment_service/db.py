@@ -363,11 +363,11 @@ class Database:
         begins, none is kept."""
         self._in_use.discard(conn)
         if reusable and _is_open(conn) and not conn.is_in_transaction():
-            while self._waiters:
-                waiter = self._waiters.popleft()
-                if not waiter.done():  # else it timed out or was cancelled
-                    waiter.set_result(conn)
-                    return
+            waiter = self._first_waiter()
+            if waiter is not None:
+                self._waiters.popleft()
+                waiter.set_result(conn)
+                return
             if self._deadline is None and not self._closing:
                 self._kept.append(conn)
                 if self._sweep is None:
@@ -387,10 +387,17 @@ class Database:
             # The pool has dropped the connection; the statement's outcome stands.
             log.warning("a connection failed to reset and was closed: %r", error)
         finally:
-            if any(not waiter.done() for waiter in self._waiters):
+            if self._first_waiter() is not None:
                 self._spawn(self._refill())
             else:
                 self._held -= 1
+
+    def _first_waiter(self) -> asyncio.Future[PoolConnectionProxy] | None:
+        """The statement that has waited longest and waits still, if any: those that timed out
+        or were cancelled meanwhile are dropped from the front of the queue on the way."""
+        while self._waiters and self._waiters[0].done():
+            self._waiters.popleft()
+        return self._waiters[0] if self._waiters else None
 
     async def _refill(self) -> None:
         """A connection from the pool, in a place already counted, for the statement that has
@@ -401,10 +408,9 @@ class Database:
                 conn: PoolConnectionProxy = await self.pool.acquire()
         except Exception as error:
             self._held -= 1
-            for waiter in self._waiters:
-                if not waiter.done():
-                    waiter.set_exception(error)
-                    break
+            waiter = self._first_waiter()
+            if waiter is not None:
+                waiter.set_exception(error)
             return
         await self._release(conn, reusable=True)
 
