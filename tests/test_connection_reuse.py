@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from enrollment_service.db import KEEP_SECONDS, Database, Query, _keep_session
+from enrollment_service.db import KEEP_SECONDS, Database, DatabaseUnavailable, Query, _keep_session
 
 BACKEND_PID = Query("test/backend-pid", "select pg_backend_pid() as pid")
 BRIEF_SLEEP = Query("test/brief-sleep", "select pg_sleep(0.002)")
@@ -146,3 +146,34 @@ async def test_close_with_kept_connections_closes_the_pool_at_once(
         await db.close(grace_seconds=5)
     assert pool.is_closing()
     assert "did not close" not in caplog.text
+
+
+async def test_a_released_connection_skips_statements_that_gave_up_waiting(
+    database_url: str,
+) -> None:
+    pool = await asyncpg.create_pool(database_url, min_size=0, max_size=1, reset=_keep_session)
+    db = Database(pool, acquire_timeout=0.2)
+    holding, done = asyncio.Event(), asyncio.Event()
+
+    async def hold_the_only_connection() -> None:
+        async with db.transaction() as transaction:
+            await db.fetchrow(BRIEF_SLEEP)
+            holding.set()
+            await done.wait()
+            await transaction.commit()
+
+    holder = asyncio.create_task(hold_the_only_connection())
+    try:
+        await holding.wait()
+        gave_up = await asyncio.gather(
+            *(db.fetchrow(BRIEF_SLEEP) for _ in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(error, DatabaseUnavailable) for error in gave_up)
+        waiting = asyncio.create_task(db.fetchrow(BACKEND_PID))
+        await asyncio.sleep(0.05)  # queued behind the five that gave up
+        done.set()
+        await holder
+        assert await waiting is not None
+    finally:
+        done.set()
+        await db.close(grace_seconds=5)
