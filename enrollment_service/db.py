@@ -324,14 +324,20 @@ class Database:
 
     async def _take(self) -> PoolConnectionProxy:
         """A kept connection; else one from the pool while it has some to give; else the next
-        one a statement releases, handed over directly."""
-        while self._kept:
-            conn = self._kept.pop()
+        one a statement releases, handed over directly. One lost meanwhile (while kept, or
+        between its handover and now) goes back to the pool, which replaces it."""
+        while True:
+            if self._kept:
+                conn = self._kept.pop()
+            elif self._held < self._max_held:
+                conn = await self._from_pool()
+            else:
+                conn = await self._handed_over()
             if _is_open(conn):
                 return conn
-            await self._return(conn)  # lost while kept: the pool replaces it
-        if self._held < self._max_held:
-            return await self._from_pool()
+            await self._return(conn)
+
+    async def _handed_over(self) -> PoolConnectionProxy:
         waiter: asyncio.Future[PoolConnectionProxy] = self._loop.create_future()
         self._waiters.append(waiter)
         try:
@@ -350,7 +356,7 @@ class Database:
             async with asyncio.timeout(self.acquire_timeout):
                 conn: PoolConnectionProxy = await self.pool.acquire()
         except BaseException:
-            self._held -= 1
+            self._place_freed()
             raise
         return conn
 
@@ -376,9 +382,12 @@ class Database:
         await self._return(conn)
 
     async def _return(self, conn: PoolConnectionProxy) -> None:
-        """A held connection back to the pool. While statements wait, its place passes to a
-        new one taken from the pool for them (a statement arriving meanwhile must not take it
-        first: they wait their turn)."""
+        """A held connection back to the pool, its place counted free only once the pool has
+        it: in a task of its own, which a cancelled caller does not interrupt."""
+        task = self._spawn(self._give_back(conn))
+        await asyncio.shield(task)
+
+    async def _give_back(self, conn: PoolConnectionProxy) -> None:
         try:
             # Bounded as acquire(timeout=) would have bounded it: releasing a connection
             # whose statement was cancelled waits for PostgreSQL to confirm the cancel.
@@ -387,10 +396,21 @@ class Database:
             # The pool has dropped the connection; the statement's outcome stands.
             log.warning("a connection failed to reset and was closed: %r", error)
         finally:
-            if self._first_waiter() is not None:
-                self._spawn(self._refill())
-            else:
-                self._held -= 1
+            self._place_freed()
+
+    def _place_freed(self) -> None:
+        """A connection's place is free (it went back to the pool, or never came). While
+        statements wait, the place passes to a new connection taken from the pool for the one
+        that has waited longest (a statement arriving meanwhile must not take it first: they
+        wait their turn); once the pool is closing, they fail at once instead."""
+        if self._first_waiter() is None:
+            self._held -= 1
+        elif self.pool.is_closing():
+            self._held -= 1
+            while (waiter := self._first_waiter()) is not None:
+                waiter.set_exception(DatabaseUnavailable("shutting down"))
+        else:
+            self._spawn(self._refill())
 
     def _first_waiter(self) -> asyncio.Future[PoolConnectionProxy] | None:
         """The statement that has waited longest and waits still, if any: those that timed out
@@ -401,30 +421,33 @@ class Database:
 
     async def _refill(self) -> None:
         """A connection from the pool, in a place already counted, for the statement that has
-        waited longest; if the pool cannot give one, that statement fails with the pool's
-        error rather than waiting on."""
+        waited longest. If the pool cannot give one, that statement fails with the pool's error
+        rather than waiting on, and the place passes on to the next one's attempt."""
         try:
             async with asyncio.timeout(self.acquire_timeout):
                 conn: PoolConnectionProxy = await self.pool.acquire()
         except Exception as error:
-            self._held -= 1
             waiter = self._first_waiter()
-            if waiter is not None:
+            if waiter is not None and not self.pool.is_closing():
                 waiter.set_exception(error)
+            self._place_freed()  # closing: every waiter fails as DatabaseUnavailable
             return
         await self._release(conn, reusable=True)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = self._loop.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _return_kept(self) -> None:
         """Every kept connection back to the pool (every KEEP_SECONDS, and when a drain begins)."""
-        self._sweep = None
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         kept, self._kept = self._kept, []
         for conn in kept:
-            self._spawn(self._return(conn))
+            self._spawn(self._give_back(conn))
 
     def idle_connections(self) -> int:
         """Connections open and idle: in the pool, or kept out of it between statements."""
@@ -450,8 +473,6 @@ class Database:
 
     async def close(self, grace_seconds: float) -> None:
         self._closing = True
-        if self._sweep is not None:
-            self._sweep.cancel()
         self._return_kept()
         try:
             await asyncio.wait_for(self.pool.close(), grace_seconds)

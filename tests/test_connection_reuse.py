@@ -177,3 +177,24 @@ async def test_a_released_connection_skips_statements_that_gave_up_waiting(
     finally:
         done.set()
         await db.close(grace_seconds=5)
+
+
+async def test_a_statement_queued_behind_a_cancelled_connect_gets_its_place(
+    database_url: str,
+) -> None:
+    # The pool's only place is taken by a statement still connecting; a second statement
+    # queues for it; the first is cancelled (its client left). The place must pass to the
+    # queued one, not sit free while it waits out the acquire timeout.
+    pool = await asyncpg.create_pool(database_url, min_size=0, max_size=1, reset=_keep_session)
+    db = Database(pool, acquire_timeout=1.0)
+    try:
+        first = asyncio.create_task(db.fetchrow(BACKEND_PID))
+        await asyncio.sleep(0)  # connecting
+        second = asyncio.create_task(db.fetchrow(BACKEND_PID))
+        await asyncio.sleep(0)  # queued
+        first.cancel()
+        assert await second is not None
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+    finally:
+        await db.close(grace_seconds=5)
