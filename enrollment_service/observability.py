@@ -203,7 +203,8 @@ def _whole_lines_at_most(lines: list[str], limit: int) -> Iterator[str]:
     chunk: list[str] = []
     size = 0
     for line in lines:
-        length = len(line) if line.isascii() else len(line.encode())
+        # As stderr encodes it: a lone surrogate (an undecodable file name) is escaped.
+        length = len(line) if line.isascii() else len(line.encode(errors="backslashreplace"))
         if chunk and size + length > limit:
             yield "".join(chunk)
             chunk, size = [], 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -136,3 +137,16 @@ async def test_a_busy_pass_is_written_in_whole_lines_each_write_short_enough_to_
     # And as few writes as that allows: no two neighbours would have fitted in one.
     for first, second in zip(stream.chunks, stream.chunks[1:], strict=False):
         assert len((first + second).encode()) > ATOMIC_WRITE_BYTES
+
+
+async def test_a_line_with_an_undecodable_file_name_loses_no_line(
+    logged: tuple[logging.Logger, CountingStream],
+) -> None:
+    # os.fsdecode of a non-UTF-8 path gives a lone surrogate, which UTF-8 cannot encode as is.
+    logger, stream = logged
+    path = os.fsdecode(b"/data/\xff")
+    logger.info("before")
+    logger.info("data in %s", path)
+    logger.info("after")
+    await asyncio.sleep(0)
+    assert stream.getvalue() == f"before\ndata in {path}\nafter\n"
