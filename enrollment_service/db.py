@@ -135,16 +135,15 @@ class RequestTransaction:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        ended = False
         try:
             if not conn.is_closed():
                 await conn.execute(command)
+            ended = True
         except (*UNAVAILABLE_ERRORS, *BROKEN_CONNECTION_ERRORS) as error:
-            await self.db._release(conn)
             raise DatabaseUnavailable(type(error).__name__) from error
-        except BaseException:
-            await self.db._release(conn)
-            raise
-        await self.db._release(conn, reusable=True)
+        finally:
+            await self.db._release(conn, reusable=ended)
 
 
 #: The request transaction of the running task, if its owner began one.
@@ -455,20 +454,20 @@ class Database:
 
     async def _once(self, work: Callable[[PoolConnectionProxy], Awaitable[T]]) -> T:
         conn = await self._acquire()
+        succeeded = False
         try:
             result = await work(conn)
+            succeeded = True
         except BROKEN_CONNECTION_ERRORS:
             # Closed here, the pool replaces it; returned as it is, the pool would try to reset
             # it, fail once more, and that error would hide this one. (If the connection saw
             # its own end first, the pool has it back already and says so: nothing to do.)
             with contextlib.suppress(asyncpg.InterfaceError):
                 conn.terminate()
-            await self._release(conn)
             raise
-        except BaseException:
-            await self._release(conn)
-            raise
-        await self._release(conn, reusable=True)
+        finally:
+            # Only a connection whose statement ended cleanly is handed on or kept.
+            await self._release(conn, reusable=succeeded)
         return result
 
     async def close(self, grace_seconds: float) -> None:
